@@ -1,0 +1,31 @@
+# attnseg: `make demo` runs the offline demo, `make test` runs the test suite.
+# Both create .venv and install torch 2.13.0 (CPU wheel) first when needed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.attnseg-installed
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	# the real CLIP BPE vocabulary used by the tests ships inside open_clip_torch (its data file only)
+	$(PY) -m pip install -q --no-deps open_clip_torch
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/attnseg demo --out out/demo
+
+test: $(STAMP)
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/capture_overhead.py
+	$(PY) benchmarks/diffseg_postprocess.py
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .ruff_cache

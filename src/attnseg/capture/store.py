@@ -1,0 +1,272 @@
+"""AttentionStore: reduces attention probabilities as they arrive and keeps only what is asked for.
+
+Maps arrive from :class:`~attnseg.capture.processor.CaptureProcessor` one chunk of heads at a time,
+as float32 probabilities ``(B, h, Q, K)`` (rows sum to 1). The store reduces them on write:
+
+- over heads (``heads="mean"``, the default) or keeps them (``heads="all"``);
+- over layers of one kind and grid (``group="resolution"``) or keeps one map per layer (``group="layer"``);
+- over calls (denoising steps) as a running mean.
+
+So DiffSeg's 16 self-attention layers of SD1.5 at 512 px cost one (4096, 4096) map at 64x64 plus three
+smaller ones, never 16 x 8 full maps.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from attnseg.errors import AttnSegError, ConfigError
+from attnseg.types import LayerInfo
+
+__all__ = ["AttentionStore"]
+
+_FORMAT_VERSION = 1
+
+
+@dataclass
+class _Entry:
+    kind: str
+    grid: tuple[int, int]
+    layers: list[str]
+    sum: torch.Tensor | None = None  # (B, Q, K) or (B, H, Q, K)
+    count: int = 0
+
+
+class AttentionStore:
+    """Accumulates reduced attention maps; saved and loaded as safetensors + JSON metadata.
+
+    Args:
+        heads: ``"mean"`` averages heads as they arrive; ``"all"`` keeps ``(B, H, Q, K)``.
+        group: ``"layer"`` keeps one map per layer; ``"resolution"`` averages all layers of one kind
+            (self/cross) and grid into one map as they arrive.
+        batch: which batch items to keep, e.g. ``slice(1, 2)`` for the conditional half of a
+            classifier-free-guidance batch of 2; None keeps all.
+        dtype: storage dtype of the accumulators (float32 by default; float16 halves memory).
+        device: where accumulators live (maps are moved there as they arrive).
+        meta: free-form JSON-able metadata saved with the store (image size, prompt, timestep...).
+
+    Example:
+        >>> store = AttentionStore(group="resolution")
+        >>> info = LayerInfo("a.attn1", "self", (2, 2), heads=2, head_dim=4, position="down", index=0, block="a")
+        >>> store.add(info, torch.full((1, 2, 4, 4), 0.25))
+        >>> store.self_attention()[2].shape
+        torch.Size([4, 4])
+    """
+
+    def __init__(
+        self,
+        *,
+        heads: Literal["mean", "all"] = "mean",
+        group: Literal["layer", "resolution"] = "layer",
+        batch: slice | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        if heads not in ("mean", "all"):
+            raise ConfigError(f"heads must be 'mean' or 'all', got {heads!r}")
+        if group not in ("layer", "resolution"):
+            raise ConfigError(f"group must be 'layer' or 'resolution', got {group!r}")
+        self.heads = heads
+        self.group = group
+        self.batch = batch
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.meta: dict[str, Any] = dict(meta or {})
+        self.layers: dict[str, LayerInfo] = {}
+        self._entries: dict[str, _Entry] = {}
+        self._open: dict[str, int] = {}  # key -> number of layer calls in progress
+
+    # -- write side (called by capture processors) ----------------------------------------------
+    def key(self, layer: LayerInfo) -> str:
+        """Storage key of a layer: its name, or ``"<kind>/<h>x<w>"`` when grouping by resolution."""
+        if self.group == "layer":
+            return layer.name
+        return f"{layer.kind}/{layer.grid[0]}x{layer.grid[1]}"
+
+    def add_chunk(self, layer: LayerInfo, probs: torch.Tensor, heads: slice, out: torch.Tensor | None = None) -> None:
+        """Accumulate probabilities of heads ``heads`` of one call of ``layer``.
+
+        Args:
+            probs: ``(B, h, Q, K)`` float32, rows sum to 1; ``h = heads.stop - heads.start``.
+            heads: which of the layer's heads these are.
+            out: ``(B, h, Q, d)`` the heads' outputs ``probs @ v`` (unused here; for subclasses).
+        """
+        if self.batch is not None:
+            probs = probs[self.batch]
+        key = self.key(layer)
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = self._entries[key] = _Entry(kind=layer.kind, grid=layer.grid, layers=[])
+        if layer.name not in entry.layers:
+            entry.layers.append(layer.name)
+            self.layers[layer.name] = layer
+        b, _, q, k = probs.shape
+        if entry.sum is None:
+            shape = (b, q, k) if self.heads == "mean" else (b, layer.heads, q, k)
+            entry.sum = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        elif entry.sum.shape[0] != b or entry.sum.shape[-2:] != (q, k):
+            raise AttnSegError(
+                f"attention of {layer.name} has shape {tuple(probs.shape)}, which does not match the maps already "
+                f"stored under {key!r} {tuple(entry.sum.shape)}; use a new store for a new input size or batch"
+            )
+        probs = probs.to(self.device)
+        if self.heads == "mean":
+            entry.sum += (probs.sum(1) / layer.heads).to(self.dtype)
+        else:
+            if self.group == "resolution" and entry.sum.shape[1] != layer.heads:
+                raise ConfigError(f"heads='all' with group='resolution' needs equal head counts at {key}")
+            entry.sum[:, heads] += probs.to(self.dtype)
+
+    def end_call(self, layer: LayerInfo) -> None:
+        """Mark one call of ``layer`` (all heads) as complete: the running mean's count grows by one."""
+        entry = self._entries.get(self.key(layer))
+        if entry is not None:
+            entry.count += 1
+
+    def add(self, layer: LayerInfo, probs: torch.Tensor) -> None:
+        """Add a whole call at once: ``probs (B, H, Q, K)`` with all heads of ``layer``."""
+        if probs.ndim != 4 or probs.shape[1] != layer.heads:
+            raise ConfigError(f"probs must be (B, {layer.heads}, Q, K) for {layer.name}, got {tuple(probs.shape)}")
+        self.add_chunk(layer, probs.float(), slice(0, layer.heads))
+        self.end_call(layer)
+
+    # -- read side ---------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.layers.clear()
+
+    def get(self, key: str, batch_index: int | None = 0) -> torch.Tensor:
+        """The running mean stored under ``key``: ``(Q, K)`` (or ``(H, Q, K)`` with heads="all") for one
+        batch item, or with the batch axis first when ``batch_index`` is None."""
+        try:
+            entry = self._entries[key]
+        except KeyError:
+            raise AttnSegError(f"no attention stored under {key!r}; stored: {', '.join(self._entries) or 'none'}") from None
+        if entry.sum is None or entry.count == 0:
+            raise AttnSegError(f"attention under {key!r} is incomplete (no finished call)")
+        mean = entry.sum.float() / self._layer_calls(entry)
+        return mean if batch_index is None else mean[batch_index]
+
+    def _layer_calls(self, entry: _Entry) -> int:
+        return entry.count
+
+    def info(self, key: str) -> tuple[str, tuple[int, int], list[str]]:
+        """``(kind, grid, layer names)`` of a key."""
+        e = self._entries[key]
+        return e.kind, e.grid, list(e.layers)
+
+    def by_resolution(self, kind: str, batch_index: int | None = 0) -> dict[int, torch.Tensor]:
+        """Maps of ``kind`` averaged over layers per resolution: ``{r: (N_r, K)}``, largest r first.
+
+        With ``group="layer"`` the per-layer means are averaged here (each layer weighs the same, as
+        with ``group="resolution"``).
+        """
+        groups: dict[int, list[torch.Tensor]] = {}
+        for key, e in self._entries.items():
+            if e.kind != kind or e.count == 0:
+                continue
+            r = max(e.grid)
+            groups.setdefault(r, []).append(self.get(key, batch_index) * (len(e.layers) if self.group == "resolution" else 1))
+        counts: dict[int, int] = {}
+        for e in self._entries.values():
+            if e.kind == kind and e.count:
+                counts[max(e.grid)] = counts.get(max(e.grid), 0) + len(e.layers)
+        out = {r: torch.stack(maps).sum(0) / counts[r] for r, maps in groups.items()}
+        return dict(sorted(out.items(), reverse=True))
+
+    def self_attention(self, batch_index: int | None = 0) -> dict[int, torch.Tensor]:
+        """Self-attention per resolution r: ``{r: (N_r, N_r)}`` float32 (rows sum to 1), mean over heads and layers."""
+        return self.by_resolution("self", batch_index)
+
+    def cross_attention(self, batch_index: int | None = 0) -> dict[int, torch.Tensor]:
+        """Cross-attention per resolution r: ``{r: (N_r, T)}`` float32 (rows sum to 1), mean over heads and layers."""
+        return self.by_resolution("cross", batch_index)
+
+    def grid(self, resolution: int) -> tuple[int, int]:
+        for e in self._entries.values():
+            if max(e.grid) == resolution:
+                return e.grid
+        raise AttnSegError(f"no attention stored at resolution {resolution}")
+
+    def nbytes(self) -> int:
+        return sum(e.sum.numel() * e.sum.element_size() for e in self._entries.values() if e.sum is not None)
+
+    # -- persistence -------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write ``path`` (``.safetensors``; the metadata JSON is embedded in its header)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            path = path.with_suffix(".safetensors")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {key: e.sum.contiguous() for key, e in self._entries.items() if e.sum is not None}
+        header = {
+            "format": "attnseg.AttentionStore",
+            "version": _FORMAT_VERSION,
+            "heads": self.heads,
+            "group": self.group,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "entries": {
+                key: {"kind": e.kind, "grid": list(e.grid), "layers": e.layers, "count": e.count}
+                for key, e in self._entries.items()
+            },
+            "layers": {name: info.to_dict() for name, info in self.layers.items()},
+            "meta": self.meta,
+        }
+        save_file(tensors, str(path), metadata={"attnseg": json.dumps(header)})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, *, device: torch.device | str = "cpu") -> AttentionStore:
+        """Read a store written by :meth:`save`."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise AttnSegError(f"attention store file not found: {path}")
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                header_text = (f.metadata() or {}).get("attnseg")
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
+        except Exception as exc:  # safetensors raises its own error types
+            raise AttnSegError(f"{path} is not a readable safetensors file: {exc}") from None
+        if header_text is None:
+            raise AttnSegError(f"{path} is a safetensors file but not an attnseg attention store")
+        header = json.loads(header_text)
+        if header.get("version", 0) > _FORMAT_VERSION:
+            raise AttnSegError(f"{path} was written by a newer attnseg (format {header['version']})")
+        store = cls(
+            heads=header["heads"],
+            group=header["group"],
+            dtype=getattr(torch, header["dtype"]),
+            device=device,
+            meta=header.get("meta", {}),
+        )
+        store.layers = {n: LayerInfo.from_dict(d) for n, d in header["layers"].items()}
+        for key, d in header["entries"].items():
+            store._entries[key] = _Entry(
+                kind=d["kind"], grid=(d["grid"][0], d["grid"][1]), layers=list(d["layers"]),
+                sum=tensors.get(key), count=int(d["count"]),
+            )
+        return store
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{k}:{tuple(e.sum.shape) if e.sum is not None else None}x{e.count}" for k, e in self._entries.items())
+        return f"AttentionStore(heads={self.heads!r}, group={self.group!r}, [{parts}])"

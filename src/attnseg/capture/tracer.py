@@ -1,0 +1,137 @@
+"""AttentionTracer: installs capture processors on selected layers and always restores the originals."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Literal
+
+from attnseg.capture.processor import CaptureProcessor
+from attnseg.capture.store import AttentionStore
+from attnseg.errors import AttnSegError, ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+    from attnseg.models.base import DiffusionAdapter
+    from attnseg.types import LayerInfo
+
+__all__ = ["AttentionTracer", "select_layers"]
+
+_ACTIVE: weakref.WeakSet[Any] = weakref.WeakSet()
+
+Selector = Callable[["LayerInfo"], bool] | Iterable[str] | str | None
+
+
+def select_layers(layers: dict[str, LayerInfo], select: Selector = None) -> dict[str, LayerInfo]:
+    """Filter layer descriptions.
+
+    ``select`` is None (all), a kind (``"self"``, ``"cross"``, ``"joint"``), an iterable of layer
+    names, or a predicate on :class:`~attnseg.types.LayerInfo`.
+    """
+    if select is None:
+        return dict(layers)
+    if isinstance(select, str):
+        if select not in ("self", "cross", "joint"):
+            raise ConfigError(f"layer selection {select!r} is not a kind (self, cross, joint)")
+        return {n: i for n, i in layers.items() if i.kind == select}
+    if callable(select):
+        return {n: i for n, i in layers.items() if select(i)}
+    names = list(select)
+    unknown = [n for n in names if n not in layers]
+    if unknown:
+        raise ConfigError(f"unknown attention layers: {', '.join(unknown[:5])}")
+    return {n: layers[n] for n in names}
+
+
+class AttentionTracer:
+    """Context manager that captures attention of selected layers into a store.
+
+    Only the selected modules get a :class:`~attnseg.capture.processor.CaptureProcessor`; every other
+    layer keeps its processor (the fused fast path). On exit, normal or by exception, the original
+    processors are restored. Tracing the same model twice at once is refused.
+
+    Args:
+        model: an adapter, or the denoiser module itself (then ``layers`` must be given).
+        store: where maps go (a new :class:`AttentionStore` by default).
+        select: which layers (see :func:`select_layers`).
+        layers: layer descriptions; by default ``adapter.attention_layers(size)``.
+        size: pixel size of the input the layers are prepared for (adapter only).
+        mode: ``"reuse"`` (one attention computation) or ``"beside"`` (bit-identical outputs).
+        chunk_bytes: bound on one chunk of probabilities.
+
+    Example:
+        >>> with AttentionTracer(adapter, select="self") as tracer:  # doctest: +SKIP
+        ...     adapter.denoise(latents, 300, prompt)
+        >>> tracer.store.self_attention()  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: DiffusionAdapter | torch.nn.Module,
+        store: AttentionStore | None = None,
+        *,
+        select: Selector = None,
+        layers: dict[str, LayerInfo] | None = None,
+        size: tuple[int, int] | None = None,
+        mode: Literal["reuse", "beside"] = "reuse",
+        chunk_bytes: int = 256 * 2**20,
+        want_outputs: bool = False,
+    ) -> None:
+        from torch import nn
+
+        if isinstance(model, nn.Module):
+            if layers is None:
+                raise ConfigError("tracing a bare module needs `layers` (use an adapter to describe them)")
+            self.denoiser = model
+        else:
+            self.denoiser = model.denoiser
+            if layers is None:
+                layers = model.attention_layers(size)
+        if mode not in ("reuse", "beside"):
+            raise ConfigError(f"mode must be 'reuse' or 'beside', got {mode!r}")
+        self.layers = select_layers(layers, select)
+        if not self.layers:
+            raise ConfigError("the layer selection matched no attention layer")
+        self.store = store if store is not None else AttentionStore()
+        self.mode = mode
+        self.chunk_bytes = chunk_bytes
+        self.want_outputs = want_outputs
+        self._saved: dict[str, Any] = {}
+
+    def __enter__(self) -> AttentionTracer:
+        if self.denoiser in _ACTIVE:
+            raise AttnSegError("this model is already being traced; tracers cannot be nested")
+        _ACTIVE.add(self.denoiser)
+        try:
+            for name, info in self.layers.items():
+                module = self.denoiser.get_submodule(name)
+                if not hasattr(module, "set_processor"):
+                    raise AttnSegError(f"{name} is not an attention module with a processor")
+                original = module.processor
+                self._saved[name] = original
+                module.set_processor(
+                    CaptureProcessor(
+                        original, info, self.store, mode=self.mode,
+                        chunk_bytes=self.chunk_bytes, want_outputs=self.want_outputs,
+                    )
+                )
+        except BaseException:
+            self._restore()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        try:
+            for name, original in self._saved.items():
+                self.denoiser.get_submodule(name).set_processor(original)
+        finally:
+            self._saved.clear()
+            _ACTIVE.discard(self.denoiser)
+
+    @property
+    def active(self) -> bool:
+        return bool(self._saved)

@@ -1,0 +1,147 @@
+"""Loading models from a Hugging Face Hub id or a local diffusers folder."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from attnseg.errors import ConfigError, ModelNotFoundError, UnsupportedModelError
+
+__all__ = ["detect_family", "load_components", "load_model", "read_model_index"]
+
+# diffusers pipeline class -> attnseg family
+_PIPELINE_FAMILIES = {
+    "StableDiffusionPipeline": "unet",
+    "StableDiffusionImg2ImgPipeline": "unet",
+    "StableDiffusionXLPipeline": "unet",
+    "StableDiffusionXLImg2ImgPipeline": "unet",
+    "PixArtSigmaPipeline": "pixart",
+    "PixArtAlphaPipeline": "pixart",
+    "FluxPipeline": "flux",
+    "FluxImg2ImgPipeline": "flux",
+    "StableDiffusion3Pipeline": "sd3",
+}
+_PLANNED = {"pixart": "PixArt-Sigma", "flux": "Flux", "sd3": "Stable Diffusion 3"}
+
+_OFFLINE_HINT = (
+    "If you are offline, download the model elsewhere (e.g. `hf download {id} --local-dir DIR`) and pass the "
+    "local folder with --model DIR, or set HF_HUB_OFFLINE=1 to use a copy already in the Hugging Face cache."
+)
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def read_model_index(id_or_path: str, *, local_files_only: bool | None = None, revision: str | None = None) -> dict:
+    """Read ``model_index.json`` from a local folder or the Hub (cache first when offline)."""
+    path = Path(id_or_path).expanduser()
+    if path.exists():
+        index = path / "model_index.json"
+        if not index.is_file():
+            raise ModelNotFoundError(
+                f"{path} is not a diffusers model folder: {index} is missing "
+                "(save one with `pipe.save_pretrained(DIR)`, or download a Hub repository with its model_index.json)"
+            )
+        return json.loads(index.read_text())
+    if id_or_path.startswith((".", "/", "~")) or id_or_path.count("/") > 1:
+        raise ModelNotFoundError(f"model folder not found: {id_or_path}")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        file = hf_hub_download(
+            id_or_path, "model_index.json", revision=revision,
+            local_files_only=bool(local_files_only) or _offline(),
+        )
+    except Exception as exc:  # network errors, missing repos, gated repos all surface here
+        reason = type(exc).__name__
+        raise ModelNotFoundError(
+            f"cannot get model {id_or_path!r} from the Hugging Face Hub ({reason}). "
+            + _OFFLINE_HINT.format(id=id_or_path)
+        ) from None
+    return json.loads(Path(file).read_text())
+
+
+def detect_family(index: dict) -> str:
+    """The attnseg family of a pipeline described by ``model_index.json``."""
+    cls = index.get("_class_name", "")
+    if cls in _PIPELINE_FAMILIES:
+        return _PIPELINE_FAMILIES[cls]
+    raise UnsupportedModelError(f"pipeline class {cls or '(none)'} is not supported; supported: SD 1.x/2.x/XL")
+
+
+def load_components(
+    id_or_path: str,
+    *,
+    family: str = "unet",
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    local_files_only: bool | None = None,
+    revision: str | None = None,
+) -> dict[str, Any]:
+    """Load the components a family's adapter takes, as keyword arguments for its constructor."""
+    index = read_model_index(id_or_path, local_files_only=local_files_only, revision=revision)
+    found = detect_family(index)
+    if found != family:
+        raise UnsupportedModelError(f"{id_or_path} is a {found} model, not {family}")
+    if family != "unet":
+        raise UnsupportedModelError(f"{_PLANNED.get(family, family)} models are not supported yet")
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    common: dict[str, Any] = {"revision": revision}
+    if local_files_only or _offline():
+        common["local_files_only"] = True
+    try:
+        unet = UNet2DConditionModel.from_pretrained(id_or_path, subfolder="unet", torch_dtype=dtype, **common)
+        vae = AutoencoderKL.from_pretrained(id_or_path, subfolder="vae", torch_dtype=dtype, **common)
+        scheduler = DDPMScheduler.from_pretrained(id_or_path, subfolder="scheduler", **common)
+        tokenizer = CLIPTokenizer.from_pretrained(id_or_path, subfolder="tokenizer", **common)
+        text_encoder = CLIPTextModel.from_pretrained(id_or_path, subfolder="text_encoder", dtype=dtype, **common)
+        extra: dict[str, Any] = {}
+        if "text_encoder_2" in index:
+            extra["tokenizer_2"] = CLIPTokenizer.from_pretrained(id_or_path, subfolder="tokenizer_2", **common)
+            extra["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
+                id_or_path, subfolder="text_encoder_2", dtype=dtype, **common
+            )
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelNotFoundError(f"cannot load the components of {id_or_path}: {first}") from None
+    for module in (unet, vae, text_encoder, *[m for k, m in extra.items() if k == "text_encoder_2"]):
+        module.to(device).eval().requires_grad_(False)
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
+            "scheduler": scheduler, **extra}
+
+
+def load_model(
+    id_or_path: str,
+    *,
+    dtype: torch.dtype | str = torch.float32,
+    device: torch.device | str = "cpu",
+    **kwargs: Any,
+) -> Any:
+    """Load an adapter for any supported model: a Hub id, a local folder, or ``"toyworld"`` (bundled).
+
+    Example:
+        >>> adapter = load_model("toyworld")  # doctest: +SKIP
+    """
+    if isinstance(dtype, str):
+        if dtype not in ("float32", "float16", "bfloat16"):
+            raise ConfigError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
+        dtype = getattr(torch, dtype)
+    if id_or_path == "toyworld" or (Path(id_or_path).is_dir() and (Path(id_or_path) / "toyworld.json").is_file()):
+        from attnseg.models.toy import ToyAdapter
+
+        path = None if id_or_path == "toyworld" else id_or_path
+        return ToyAdapter.from_pretrained(path, dtype=dtype, device=device, **kwargs)
+    index = read_model_index(id_or_path, local_files_only=kwargs.pop("local_files_only", None))
+    family = detect_family(index)
+    if family == "unet":
+        from attnseg.models.unet import UNetAdapter
+
+        return UNetAdapter.from_pretrained(id_or_path, dtype=dtype, device=device, **kwargs)
+    raise UnsupportedModelError(f"{_PLANNED.get(family, family)} models are not supported yet ({id_or_path})")

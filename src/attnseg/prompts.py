@@ -1,0 +1,102 @@
+"""Prompts and token lookup: which token positions a word or phrase of a prompt occupies."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from attnseg.errors import TokenNotFoundError
+from attnseg.types import Prompt, TokenSpan
+
+__all__ = ["STOP_WORDS", "Tokenized", "content_tokens", "find_word", "tokenize"]
+
+# Skipped as "content" (GoCA's reference skips these, plus punctuation and special tokens).
+STOP_WORDS = frozenset({"a", "an", "the", "and", "of", "with", "in", "on", "at", "to", "photo", "picture", "image"})
+_PUNCT = re.compile(r"^\W+$")
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    """Tokenizer output in the form :class:`~attnseg.types.Prompt` keeps."""
+
+    token_ids: tuple[int, ...]
+    tokens: tuple[str, ...]
+    offsets: tuple[tuple[int, int], ...]
+    special: tuple[bool, ...]
+    length: int
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "token_ids": self.token_ids, "tokens": self.tokens, "offsets": self.offsets,
+            "special": self.special, "length": self.length,
+        }
+
+
+def tokenize(tokenizer: Any, text: str, max_length: int | None = None) -> Tokenized:
+    """Tokenise ``text`` padded to the tokenizer's length limit, with character offsets per token.
+
+    Works with Hugging Face tokenizers that return offsets (CLIP, T5 fast tokenizers) and with
+    tokenizers that provide ``encode_with_offsets(text, max_length)`` (attnseg's word-level toy tokenizer).
+    """
+    if hasattr(tokenizer, "encode_with_offsets"):
+        return tokenizer.encode_with_offsets(text, max_length)
+    max_length = max_length or int(tokenizer.model_max_length)
+    enc = tokenizer(
+        text, padding="max_length", max_length=max_length, truncation=True, return_offsets_mapping=True,
+    )
+    ids = tuple(int(i) for i in enc["input_ids"])
+    specials = set(tokenizer.all_special_ids)
+    special = tuple(i in specials for i in ids)
+    offsets = tuple((int(a), int(b)) if not s else (0, 0) for (a, b), s in zip(enc["offset_mapping"], special))
+    mask = enc.get("attention_mask")
+    if mask is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        length = int(sum(mask))
+    else:  # CLIP pads with the end token: count up to and including the first end token
+        eos = tokenizer.eos_token_id
+        length = ids.index(eos) + 1 if eos in ids else len(ids)
+    return Tokenized(ids, tuple(tokenizer.convert_ids_to_tokens(list(ids))), offsets, special, length)
+
+
+def _word_spans(text: str, word: str) -> list[tuple[int, int]]:
+    pattern = r"(?<!\w)" + r"\s+".join(re.escape(w) for w in word.split()) + r"(?!\w)"
+    return [(m.start(), m.end()) for m in re.finditer(pattern, text, flags=re.IGNORECASE)]
+
+
+def find_word(prompt: Prompt, word: str, *, occurrence: int = 0) -> TokenSpan:
+    """Token positions of ``word`` (a word or multi-word phrase) in ``prompt``.
+
+    Matching is case-insensitive on whole words of the prompt text; every token whose character span
+    overlaps the word's span belongs to it (so a word split into several sub-tokens maps to all of
+    them, to be averaged by the caller).
+
+    Raises:
+        TokenNotFoundError: the word is not in the prompt, or the tokenizer's length limit cut it off.
+    """
+    spans = _word_spans(prompt.text, word.strip())
+    if not spans:
+        raise TokenNotFoundError(f"{word!r} is not in the prompt {prompt.text!r}")
+    if occurrence >= len(spans):
+        raise TokenNotFoundError(f"{word!r} occurs {len(spans)} time(s) in the prompt; occurrence {occurrence} asked")
+    start, end = spans[occurrence]
+    indices = tuple(
+        i for i, ((a, b), s) in enumerate(zip(prompt.offsets, prompt.special)) if not s and a < end and b > start
+    )
+    if not indices:
+        raise TokenNotFoundError(
+            f"{word!r} was cut off: the prompt is longer than the tokenizer's limit of {len(prompt.tokens)} tokens"
+        )
+    return TokenSpan(text=word, start=start, end=end, indices=indices)
+
+
+def content_tokens(prompt: Prompt) -> list[int]:
+    """Positions of content tokens: not special (start/end/padding), not a stop word, not punctuation."""
+    out = []
+    for i, ((a, b), s) in enumerate(zip(prompt.offsets, prompt.special)):
+        if s or i >= prompt.length:
+            continue
+        piece = prompt.text[a:b].lower()
+        if piece in STOP_WORDS or _PUNCT.match(piece or ","):
+            continue
+        out.append(i)
+    return out
