@@ -43,12 +43,12 @@ def tokenize(tokenizer: Any, text: str, max_length: int | None = None) -> Tokeni
         return tokenizer.encode_with_offsets(text, max_length)
     max_length = max_length or int(tokenizer.model_max_length)
     enc = tokenizer(
-        text, padding="max_length", max_length=max_length, truncation=True, return_offsets_mapping=True,
+        text, padding="max_length", max_length=max_length, truncation=True, return_offsets_mapping=True
     )
     ids = tuple(int(i) for i in enc["input_ids"])
     specials = set(tokenizer.all_special_ids)
     special = tuple(i in specials for i in ids)
-    offsets = tuple((int(a), int(b)) if not s else (0, 0) for (a, b), s in zip(enc["offset_mapping"], special))
+    offsets = tuple((int(a), int(b)) if not s else (0, 0) for (a, b), s in zip(enc["offset_mapping"], special, strict=False))
     mask = enc.get("attention_mask")
     if mask is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
         length = int(sum(mask))
@@ -77,10 +77,12 @@ def find_word(prompt: Prompt, word: str, *, occurrence: int = 0) -> TokenSpan:
     if not spans:
         raise TokenNotFoundError(f"{word!r} is not in the prompt {prompt.text!r}")
     if occurrence >= len(spans):
-        raise TokenNotFoundError(f"{word!r} occurs {len(spans)} time(s) in the prompt; occurrence {occurrence} asked")
+        raise TokenNotFoundError(f"{word!r} occurs {len(spans)} time(s) in the prompt, not {occurrence + 1}")
     start, end = spans[occurrence]
     indices = tuple(
-        i for i, ((a, b), s) in enumerate(zip(prompt.offsets, prompt.special)) if not s and a < end and b > start
+        i
+        for i, ((a, b), s) in enumerate(zip(prompt.offsets, prompt.special, strict=True))
+        if not s and a < end and b > start
     )
     if not indices:
         raise TokenNotFoundError(
@@ -92,7 +94,7 @@ def find_word(prompt: Prompt, word: str, *, occurrence: int = 0) -> TokenSpan:
 def content_tokens(prompt: Prompt) -> list[int]:
     """Positions of content tokens: not special (start/end/padding), not a stop word, not punctuation."""
     out = []
-    for i, ((a, b), s) in enumerate(zip(prompt.offsets, prompt.special)):
+    for i, ((a, b), s) in enumerate(zip(prompt.offsets, prompt.special, strict=False)):
         if s or i >= prompt.length:
             continue
         piece = prompt.text[a:b].lower()

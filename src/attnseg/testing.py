@@ -16,12 +16,20 @@ import torch
 
 from attnseg.errors import AttnSegError
 
-__all__ = ["clip_tokenizer", "tiny_sd_components", "tiny_sd_adapter", "save_tiny_sd"]
+__all__ = [
+    "SD15_UNET_CONFIG",
+    "SD21_UNET_CONFIG",
+    "SDXL_UNET_CONFIG",
+    "clip_tokenizer",
+    "save_tiny_sd",
+    "tiny_sd_adapter",
+    "tiny_sd_components",
+]
 
 
 def _bytes_to_unicode() -> dict[int, str]:
     # CLIP's byte-level alphabet: printable bytes map to themselves, the rest to code points from 256.
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -29,16 +37,17 @@ def _bytes_to_unicode() -> dict[int, str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return dict(zip(bs, [chr(c) for c in cs]))
+    return dict(zip(bs, [chr(c) for c in cs], strict=False))
 
 
 @lru_cache(maxsize=1)
 def _clip_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
     spec = importlib.util.find_spec("open_clip")  # the package is not imported: only its data file is read
     if spec is None or spec.origin is None:
-        raise AttnSegError("the real CLIP vocabulary comes from the open_clip_torch package: pip install open_clip_torch")
+        raise AttnSegError("the CLIP vocabulary ships in open_clip_torch: pip install --no-deps open_clip_torch")
     path = Path(spec.origin).parent / "bpe_simple_vocab_16e6.txt.gz"
-    lines = gzip.open(path).read().decode("utf-8").split("\n")
+    with gzip.open(path) as f:
+        lines = f.read().decode("utf-8").split("\n")
     num_merges = 49152 - 256 - 2  # CLIP's vocabulary: 256 bytes x 2, merges, 2 specials = 49408
     merges = [tuple(m.split()) for m in lines[1 : num_merges + 1]]
     alphabet = list(_bytes_to_unicode().values())
@@ -123,6 +132,31 @@ def save_tiny_sd(path: str | Path, **kwargs: Any) -> Path:
     if "text_encoder_2" in comps:
         pipe = StableDiffusionXLPipeline(**comps)
     else:
-        pipe = StableDiffusionPipeline(**comps, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe = StableDiffusionPipeline(
+            **comps, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
     pipe.save_pretrained(path)
     return path
+
+
+# Public UNet configurations of the reference checkpoints (from their unet/config.json), so that
+# full-size architectures can be built offline with random weights (benchmarks) or on the meta
+# device (layer-description tests).
+SD15_UNET_CONFIG: dict[str, Any] = {
+    "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280], "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "in_channels": 4, "out_channels": 4, "layers_per_block": 2, "norm_num_groups": 32, "sample_size": 64,
+}
+SD21_UNET_CONFIG: dict[str, Any] = {
+    **SD15_UNET_CONFIG, "attention_head_dim": [5, 10, 20, 20], "cross_attention_dim": 1024,
+    "use_linear_projection": True, "upcast_attention": True, "sample_size": 96,
+}
+SDXL_UNET_CONFIG: dict[str, Any] = {
+    "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280], "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "transformer_layers_per_block": [1, 2, 10], "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816, "use_linear_projection": True, "in_channels": 4,
+    "out_channels": 4, "layers_per_block": 2, "norm_num_groups": 32, "sample_size": 128,
+}

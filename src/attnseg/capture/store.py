@@ -157,14 +157,12 @@ class AttentionStore:
         try:
             entry = self._entries[key]
         except KeyError:
-            raise AttnSegError(f"no attention stored under {key!r}; stored: {', '.join(self._entries) or 'none'}") from None
+            stored = ", ".join(self._entries) or "none"
+            raise AttnSegError(f"no attention stored under {key!r}; stored: {stored}") from None
         if entry.sum is None or entry.count == 0:
             raise AttnSegError(f"attention under {key!r} is incomplete (no finished call)")
-        mean = entry.sum.float() / self._layer_calls(entry)
+        mean = entry.sum.float() / entry.count
         return mean if batch_index is None else mean[batch_index]
-
-    def _layer_calls(self, entry: _Entry) -> int:
-        return entry.count
 
     def info(self, key: str) -> tuple[str, tuple[int, int], list[str]]:
         """``(kind, grid, layer names)`` of a key."""
@@ -177,18 +175,16 @@ class AttentionStore:
         With ``group="layer"`` the per-layer means are averaged here (each layer weighs the same, as
         with ``group="resolution"``).
         """
-        groups: dict[int, list[torch.Tensor]] = {}
+        sums: dict[int, torch.Tensor] = {}
+        counts: dict[int, int] = {}
         for key, e in self._entries.items():
             if e.kind != kind or e.count == 0:
                 continue
-            r = max(e.grid)
-            groups.setdefault(r, []).append(self.get(key, batch_index) * (len(e.layers) if self.group == "resolution" else 1))
-        counts: dict[int, int] = {}
-        for e in self._entries.values():
-            if e.kind == kind and e.count:
-                counts[max(e.grid)] = counts.get(max(e.grid), 0) + len(e.layers)
-        out = {r: torch.stack(maps).sum(0) / counts[r] for r, maps in groups.items()}
-        return dict(sorted(out.items(), reverse=True))
+            r, n = max(e.grid), len(e.layers)
+            weighted = self.get(key, batch_index) * n  # an entry's mean covers n layers
+            sums[r] = weighted if r not in sums else sums[r] + weighted
+            counts[r] = counts.get(r, 0) + n
+        return {r: sums[r] / counts[r] for r in sorted(sums, reverse=True)}
 
     def self_attention(self, batch_index: int | None = 0) -> dict[int, torch.Tensor]:
         """Self-attention per resolution r: ``{r: (N_r, N_r)}`` float32 (rows sum to 1), mean over heads and layers."""
@@ -268,5 +264,7 @@ class AttentionStore:
         return store
 
     def __repr__(self) -> str:
-        parts = ", ".join(f"{k}:{tuple(e.sum.shape) if e.sum is not None else None}x{e.count}" for k, e in self._entries.items())
+        parts = ", ".join(
+            f"{k}:{tuple(e.sum.shape) if e.sum is not None else None}x{e.count}" for k, e in self._entries.items()
+        )
         return f"AttentionStore(heads={self.heads!r}, group={self.group!r}, [{parts}])"

@@ -56,7 +56,7 @@ def unet_attention_layers(unet: torch.nn.Module, latent_size: tuple[int, int]) -
         position = "mid" if block == "mid_block" else block.split("_")[0]
         kind = "cross" if module.is_cross_attention else "self"
         heads = int(module.heads)
-        head_dim = int(module.inner_dim // heads) if hasattr(module, "inner_dim") else int(module.to_q.out_features // heads)
+        head_dim = int(module.to_q.out_features // heads)
         layers[name] = LayerInfo(
             name=name, kind=kind, grid=_halve(latent_size, levels_before[block]), heads=heads, head_dim=head_dim,
             position=position, index=0, block=block,  # type: ignore[arg-type]
@@ -125,7 +125,8 @@ class UNetAdapter(DiffusionAdapter):
         name: str = "",
     ) -> None:
         if not hasattr(scheduler, "alphas_cumprod"):
-            raise UnsupportedModelError(f"scheduler {type(scheduler).__name__} has no training schedule (alphas_cumprod)")
+            name = type(scheduler).__name__
+            raise UnsupportedModelError(f"scheduler {name} has no training schedule (alphas_cumprod)")
         self.denoiser = unet
         self.unet = unet
         self.vae = vae

@@ -1,0 +1,1 @@
+"""The ``attnseg`` command line."""

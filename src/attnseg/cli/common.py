@@ -1,0 +1,72 @@
+"""Shared CLI helpers: parameter parsing, error reporting, progress."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, NoReturn
+
+import typer
+
+from attnseg.errors import AttnSegError, ConfigError
+
+__all__ = ["fail", "handle_errors", "method_parameters", "parse_params"]
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def handle_errors() -> Iterator[None]:
+    """Turn attnseg's errors (and a few common library errors) into one-line messages and exit code 2."""
+    try:
+        yield
+    except AttnSegError as exc:
+        fail(str(exc))
+    except MemoryError:
+        fail("out of memory: try a smaller --size, --dtype bfloat16, or fewer images at once")
+    except KeyboardInterrupt:
+        typer.secho("interrupted", err=True)
+        raise typer.Exit(130) from None
+
+
+def _literal(text: str) -> Any:
+    if "," in text and not text.startswith(("[", "(")):
+        return tuple(_literal(t.strip()) for t in text.split(",") if t.strip())
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        low = text.lower()
+        if low in ("true", "false"):
+            return low == "true"
+        return text
+
+
+def parse_params(items: list[str] | None) -> dict[str, Any]:
+    """``["kl_thresholds=0.9,0.9,0.9", "refine=true"]`` -> ``{"kl_thresholds": (0.9, 0.9, 0.9), "refine": True}``."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"method parameter {item!r} must look like NAME=VALUE")
+        key, value = item.split("=", 1)
+        out[key.strip().replace("-", "_")] = _literal(value.strip())
+    return out
+
+
+def method_parameters(cls: Callable[..., Any]) -> list[tuple[str, str]]:
+    """Keyword-only hyper-parameters of a method class with their defaults, for ``attnseg list``."""
+    sig = inspect.signature(cls)
+    return [
+        (name, repr(p.default))
+        for name, p in sig.parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    ]
+
+
+def is_tty() -> bool:
+    return sys.stderr.isatty()
