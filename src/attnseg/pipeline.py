@@ -113,17 +113,22 @@ class AttentionSegmentationPipeline:
         latents = adapter.encode_image(pixels, sample=opts.sample_posterior, generator=generator)
         if opts.add_noise:
             latents = adapter.add_noise(latents, opts.timestep, generator=generator)
-        store = AttentionStore(
-            heads=opts.heads,  # type: ignore[arg-type]
-            group=opts.group,  # type: ignore[arg-type]
-            meta={
-                "image_size": list(size), "prompt": text, "timestep": opts.timestep, "add_noise": opts.add_noise,
-                "model": getattr(adapter, "name", ""), "family": adapter.family, "seed": seed,
-                "tokens": list(encoded.tokens[: encoded.length]),
-            },
-        )
+        meta = {
+            "image_size": list(size), "prompt": text, "timestep": opts.timestep, "add_noise": opts.add_noise,
+            "model": getattr(adapter, "name", ""), "family": adapter.family, "seed": seed,
+            "tokens": list(encoded.tokens[: encoded.length]),
+        }
+        make_store = getattr(self.method, "make_store", None)
+        if make_store is not None:
+            store = make_store(adapter, {n: layers[n] for n in selected}, meta)
+        else:
+            store = AttentionStore(heads=opts.heads, group=opts.group, meta=meta)  # type: ignore[arg-type]
+        features = getattr(self.method, "features", None)
         start = time.perf_counter()
-        with AttentionTracer(adapter, store, select=selected, layers=layers, mode=self.mode):
+        with AttentionTracer(
+            adapter, store, select=selected, layers=layers, mode=self.mode,
+            features=features(adapter) if features is not None else (),
+        ):
             adapter.denoise(latents, opts.timestep, encoded)
         store.meta["denoise_seconds"] = round(time.perf_counter() - start, 4)
         self._last_prompt = encoded

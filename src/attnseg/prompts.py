@@ -48,7 +48,9 @@ def tokenize(tokenizer: Any, text: str, max_length: int | None = None) -> Tokeni
     ids = tuple(int(i) for i in enc["input_ids"])
     specials = set(tokenizer.all_special_ids)
     special = tuple(i in specials for i in ids)
-    offsets = tuple((int(a), int(b)) if not s else (0, 0) for (a, b), s in zip(enc["offset_mapping"], special, strict=False))
+    offsets = tuple(
+        (0, 0) if s else (int(a), int(b)) for (a, b), s in zip(enc["offset_mapping"], special, strict=True)
+    )
     mask = enc.get("attention_mask")
     if mask is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
         length = int(sum(mask))

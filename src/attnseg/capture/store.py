@@ -81,7 +81,8 @@ class AttentionStore:
         self.meta: dict[str, Any] = dict(meta or {})
         self.layers: dict[str, LayerInfo] = {}
         self._entries: dict[str, _Entry] = {}
-        self._open: dict[str, int] = {}  # key -> number of layer calls in progress
+        self.features: dict[str, torch.Tensor] = {}
+        self._feature_counts: dict[str, int] = {}
 
     # -- write side (called by capture processors) ----------------------------------------------
     def key(self, layer: LayerInfo) -> str:
@@ -129,6 +130,15 @@ class AttentionStore:
         entry = self._entries.get(self.key(layer))
         if entry is not None:
             entry.count += 1
+
+    def add_feature(self, name: str, value: torch.Tensor) -> None:
+        """Keep the running mean of a module's output (``(B, N, C)``), e.g. a reference feature."""
+        value = value.detach().to(self.device, torch.float32)
+        if self.batch is not None:
+            value = value[self.batch]
+        n = self._feature_counts.get(name, 0)
+        self.features[name] = value if n == 0 else self.features[name] + (value - self.features[name]) / (n + 1)
+        self._feature_counts[name] = n + 1
 
     def add(self, layer: LayerInfo, probs: torch.Tensor) -> None:
         """Add a whole call at once: ``probs (B, H, Q, K)`` with all heads of ``layer``."""
@@ -213,6 +223,7 @@ class AttentionStore:
             path = path.with_suffix(".safetensors")
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {key: e.sum.contiguous() for key, e in self._entries.items() if e.sum is not None}
+        tensors.update({f"feature:{name}": v.contiguous() for name, v in self.features.items()})
         header = {
             "format": "attnseg.AttentionStore",
             "version": _FORMAT_VERSION,
@@ -224,6 +235,7 @@ class AttentionStore:
                 for key, e in self._entries.items()
             },
             "layers": {name: info.to_dict() for name, info in self.layers.items()},
+            "features": dict(self._feature_counts),
             "meta": self.meta,
         }
         save_file(tensors, str(path), metadata={"attnseg": json.dumps(header)})
@@ -256,6 +268,9 @@ class AttentionStore:
             meta=header.get("meta", {}),
         )
         store.layers = {n: LayerInfo.from_dict(d) for n, d in header["layers"].items()}
+        for name, count in header.get("features", {}).items():
+            store.features[name] = tensors[f"feature:{name}"]
+            store._feature_counts[name] = int(count)
         for key, d in header["entries"].items():
             store._entries[key] = _Entry(
                 kind=d["kind"], grid=(d["grid"][0], d["grid"][1]), layers=list(d["layers"]),

@@ -59,6 +59,9 @@ class AttentionTracer:
         size: pixel size of the input the layers are prepared for (adapter only).
         mode: ``"reuse"`` (one attention computation) or ``"beside"`` (bit-identical outputs).
         chunk_bytes: bound on one chunk of probabilities.
+        want_outputs: pass per-head outputs to the store (default: the store's ``wants_outputs``).
+        features: names of modules whose outputs go to ``store.add_feature`` (e.g. a reference
+            feature such as a layer's ``to_q``); forward hooks, removed on exit.
 
     Example:
         >>> with AttentionTracer(adapter, select="self") as tracer:  # doctest: +SKIP
@@ -76,7 +79,8 @@ class AttentionTracer:
         size: tuple[int, int] | None = None,
         mode: Literal["reuse", "beside"] = "reuse",
         chunk_bytes: int = 256 * 2**20,
-        want_outputs: bool = False,
+        want_outputs: bool | None = None,
+        features: Iterable[str] = (),
     ) -> None:
         from torch import nn
 
@@ -96,8 +100,11 @@ class AttentionTracer:
         self.store = store if store is not None else AttentionStore()
         self.mode = mode
         self.chunk_bytes = chunk_bytes
-        self.want_outputs = want_outputs
+        # sinks that need per-head outputs (GoCA head weights, per-head PCA) say so themselves
+        self.want_outputs = bool(getattr(self.store, "wants_outputs", False)) if want_outputs is None else want_outputs
+        self.features = list(features)
         self._saved: dict[str, Any] = {}
+        self._hooks: list[Any] = []
 
     def __enter__(self) -> AttentionTracer:
         if self.denoiser in _ACTIVE:
@@ -116,6 +123,8 @@ class AttentionTracer:
                         chunk_bytes=self.chunk_bytes, want_outputs=self.want_outputs,
                     )
                 )
+            for name in self.features:
+                self._hooks.append(self.denoiser.get_submodule(name).register_forward_hook(self._feature_hook(name)))
         except BaseException:
             self._restore()
             raise
@@ -124,7 +133,16 @@ class AttentionTracer:
     def __exit__(self, *exc: object) -> None:
         self._restore()
 
+    def _feature_hook(self, name: str) -> Callable[..., None]:
+        def hook(module: Any, args: Any, output: Any) -> None:
+            self.store.add_feature(name, output[0] if isinstance(output, tuple) else output)
+
+        return hook
+
     def _restore(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
         try:
             for name, original in self._saved.items():
                 self.denoiser.get_submodule(name).set_processor(original)

@@ -56,6 +56,10 @@ class Segmenter(Protocol):
         """Names of the layers whose attention must be captured (the rest stay on the fused path)."""
         ...
 
+    # Optional hooks (looked up with getattr by the pipeline):
+    #   make_store(adapter, layers, meta) -> AttentionStore   a custom reducing store (e.g. GoCA head weights)
+    #   features(adapter) -> list[str]                       module names whose outputs the store needs
+
     def segment(
         self,
         store: AttentionStore,
@@ -73,8 +77,19 @@ METHODS: Registry[type] = Registry("method")
 
 def create_method(name: str, **kwargs: object) -> Segmenter:
     """Instantiate a registered method by name with keyword hyper-parameters."""
+    import inspect
+
+    from attnseg.errors import ConfigError
+
     _import_builtin_methods()
-    return METHODS.get(name)(**kwargs)
+    cls = METHODS.get(name)
+    accepted = {n for n, p in inspect.signature(cls).parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise ConfigError(
+            f"method {name!r} has no parameter {', '.join(unknown)}; its parameters: {', '.join(sorted(accepted))}"
+        )
+    return cls(**kwargs)
 
 
 def list_methods(pattern: str = "*") -> list[str]:
@@ -83,7 +98,12 @@ def list_methods(pattern: str = "*") -> list[str]:
 
 
 def _import_builtin_methods() -> None:
+    """Import every method module of this package once, so that each registers itself."""
     import importlib
+    import pkgutil
 
-    for module in ("diffseg",):
-        importlib.import_module(f"attnseg.methods.{module}")
+    import attnseg.methods as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name not in ("base", "ops") and not info.name.startswith("_"):
+            importlib.import_module(f"attnseg.methods.{info.name}")

@@ -87,5 +87,9 @@ class DiffusionAdapter(ABC):
     def denoise(self, latents: torch.Tensor, timestep: int, prompt: Prompt) -> torch.Tensor:
         """One denoiser pass without classifier-free guidance; returns the model output."""
 
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents ``(B, C, h, w)`` -> images ``(B, 3, H, W)`` in [-1, 1] (for generation)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot decode latents")
+
 
 ADAPTERS: Registry[type] = Registry("model family")

@@ -241,6 +241,13 @@ class UNetAdapter(DiffusionAdapter):
         pooled = out2.text_embeds if hasattr(out2, "text_embeds") else out2[0]
         return Prompt(text=text, embeddings=emb.to(self.dtype), **tok.fields(), extra={"text_embeds": pooled})
 
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        vae_dtype = next(self.vae.parameters()).dtype
+        z = latents.to(vae_dtype) / self.vae.config.scaling_factor + shift
+        return self.vae.decode(z).sample.float().clamp(-1, 1)
+
     def add_noise(
         self, latents: torch.Tensor, timestep: int, *, generator: torch.Generator | None = None
     ) -> torch.Tensor:

@@ -1,0 +1,85 @@
+"""The command line, end to end on a tiny random SD folder, including bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from attnseg.cli.app import app
+
+runner = CliRunner()
+
+
+def _run(*args: str):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_help_explains_itself():
+    res = _run("--help")
+    assert res.exit_code == 0
+    for word in ("segment", "list", "demo", "Examples"):
+        assert word in res.output
+    res = _run("segment", "--help")
+    assert res.exit_code == 0 and "--method" in res.output and "--param" in res.output
+
+
+def test_list_shows_methods_and_parameters():
+    res = _run("list", "--json")
+    assert res.exit_code == 0
+    data = json.loads(res.output)
+    assert "diffseg" in data["methods"] and "kl_thresholds" in data["methods"]["diffseg"]
+    assert "unet" in data["model_families"]
+
+
+def test_segment_images_and_folder(tiny_sd_dir, rgb_image, tmp_path):
+    out = tmp_path / "out"
+    second = rgb_image.parent / "second.jpg"
+    Image.open(rgb_image).save(second)
+    res = _run("segment", rgb_image.parent, "--model", tiny_sd_dir, "--out", out, "--json", "--save-store",
+               "-P", "kl_thresholds=0.9,0.9,0.9", "-P", "num_anchors=4")
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output)
+    assert [e["image"] for e in summary["images"]] == [str(second), str(rgb_image)] or len(summary["images"]) == 2
+    for stem in ("two-halves", "second"):
+        labels = np.asarray(Image.open(out / f"{stem}.labels.png"))
+        assert labels.shape == (32, 32)
+        assert Image.open(out / f"{stem}.overlay.png").size == (32, 32)
+        info = json.loads((out / f"{stem}.json").read_text())
+        assert info["method"] == "diffseg" and sum(s["area"] for s in info["segments"]) == 32 * 32
+        assert info["params"]["kl_thresholds"] == [0.9, 0.9, 0.9]
+        assert (out / f"{stem}.attention.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["missing.png"], "image not found"),
+        (["notes.png"], "not an image file"),
+        (["tiny.png"], "needs at least"),
+        (["ok.png", "--method", "nope"], "unknown method 'nope'"),
+        (["ok.png", "-P", "kl_thresholds=-1,1"], "kl_thresholds"),
+        (["ok.png", "-P", "nonsense"], "NAME=VALUE"),
+        (["ok.png", "-P", "no_such_param=1"], "no_such_param"),
+        (["ok.png", "--model", "someone/not-a-cached-model"], "local folder"),
+        (["ok.png", "--model", "PIXART"], "not supported yet"),
+    ],
+)
+def test_bad_input_gives_one_line_error(tmp_path, tiny_sd_dir, args, message):
+    (tmp_path / "notes.png").write_text("hello")
+    Image.fromarray(np.zeros((3, 3, 3), np.uint8)).save(tmp_path / "tiny.png")
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "ok.png")
+    pixart = tmp_path / "pixart"
+    pixart.mkdir()
+    (pixart / "model_index.json").write_text(json.dumps({"_class_name": "PixArtSigmaPipeline"}))
+    args = [str(pixart) if a == "PIXART" else (str(tmp_path / a) if a.endswith(".png") else a) for a in args]
+    if "--model" not in args:
+        args += ["--model", str(tiny_sd_dir)]
+    res = runner.invoke(app, ["segment", *args, "--out", str(tmp_path / "out")])
+    assert res.exit_code == 2, res.output
+    assert message in res.output
+    assert "Traceback" not in res.output
+    assert len([line for line in res.output.strip().splitlines() if line.startswith("error:")]) == 1
