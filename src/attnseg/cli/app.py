@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from attnseg.cli.common import fail, handle_errors, method_parameters, parse_params
+from attnseg.cli.common import fail, handle_errors, method_parameters, parse_params, quiet_libraries
 
 app = typer.Typer(
     name="attnseg",
@@ -49,6 +49,7 @@ def segment(
     """Segment images and write label PNGs, colour overlays and per-segment JSON."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+    quiet_libraries()
     with handle_errors():
         from attnseg.io.images import expand_image_paths, load_image
         from attnseg.methods.base import create_method

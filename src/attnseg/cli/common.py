@@ -13,7 +13,7 @@ import typer
 
 from attnseg.errors import AttnSegError, ConfigError
 
-__all__ = ["fail", "handle_errors", "method_parameters", "parse_params"]
+__all__ = ["fail", "handle_errors", "method_parameters", "parse_params", "quiet_libraries"]
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -66,6 +66,20 @@ def method_parameters(cls: Callable[..., Any]) -> list[tuple[str, str]]:
         for name, p in sig.parameters.items()
         if p.kind is inspect.Parameter.KEYWORD_ONLY
     ]
+
+
+def quiet_libraries() -> None:
+    """Silence diffusers/transformers progress bars and advisory logging: the CLI reports progress itself."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="diffusers")
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    for log in (dlog, tlog):
+        log.set_verbosity_error()
+        log.disable_progress_bar()
 
 
 def is_tty() -> bool:
