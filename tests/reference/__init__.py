@@ -1,0 +1,1 @@
+"""Literal, slow re-implementations of reference algorithms, used only by tests and benchmarks."""
