@@ -78,7 +78,9 @@ def main() -> None:
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    unet = UNet2DConditionModel(**SD15_UNET_CONFIG).to(dtype).eval().requires_grad_(False)
+    unet = UNet2DConditionModel(**SD15_UNET_CONFIG).eval().requires_grad_(False)
+    if dtype != torch.float32:
+        unet = unet.to(dtype)
     build_s = time.perf_counter() - t0
     latent = args.size // 8
     g = torch.Generator().manual_seed(0)
