@@ -484,6 +484,7 @@ def test_diffseg_select_layers() -> None:
     layers["a.attn1"] = info("a.attn1", "self", 2)
     assert DiffSeg().select_layers(layers) == ["b.attn1", "a.attn1"]
     assert DiffSeg(label_words=["cat"]).select_layers(layers) == ["b.attn1", "b.attn2", "a.attn1"]
+    assert DiffSeg(label_words="cat, dog").label_words == ("cat", "dog")  # the command line's form
 
 
 @pytest.mark.parametrize(
@@ -502,7 +503,7 @@ def test_diffseg_select_layers() -> None:
         ({"kmeans_max_iter": 0}, "kmeans_max_iter"),
         ({"random_state": -1}, "random_state"),
         ({"timestep": -5}, "timestep"),
-        ({"label_words": "cat"}, "label_words"),
+        ({"label_words": " , "}, "label_words"),
         ({"label_words": []}, "label_words"),
         ({"label_words": {"cat": []}}, "label_words"),
         ({"label_words": ["cat", "cat"]}, "label_words"),

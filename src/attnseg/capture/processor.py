@@ -60,7 +60,7 @@ class CaptureProcessor:
         sink: AttentionSink,
         *,
         mode: Literal["reuse", "beside"] = "reuse",
-        chunk_bytes: int = 256 * 2**20,
+        chunk_bytes: int = 64 * 2**20,
         want_outputs: bool = False,
     ) -> None:
         self.original = original
@@ -173,8 +173,8 @@ class CaptureProcessor:
             qc, kc = q[:, sl], k[:, sl]
             if upcast:
                 qc, kc = qc.float(), kc.float()
-            scores = torch.matmul(qc, kc.transpose(-1, -2)).float()
-            scores.mul_(scale)
+            # scaling q (N x d) is cheaper than scaling the N x N scores
+            scores = torch.matmul(qc * scale, kc.transpose(-1, -2)).float()
             if mask is not None:
                 scores += mask[:, sl] if mask.shape[1] == h else mask
             probs = scores.softmax(dim=-1)

@@ -723,7 +723,9 @@ class DiffSeg:
                     raise ConfigError(f"label_words[{word!r}] must be non-empty token indices >= 0, got {idx!r}")
                 out[word] = indices
             return out
-        if isinstance(words, str) or not isinstance(words, Sequence):
+        if isinstance(words, str):  # "cat, dog" from a command line
+            words = [w.strip() for w in words.split(",") if w.strip()]
+        if not isinstance(words, Sequence):
             raise ConfigError(f"label_words must be a sequence of words or a mapping word -> indices, got {words!r}")
         seq = tuple(words)
         if not seq or any(not isinstance(w, str) or not w.strip() for w in seq):
