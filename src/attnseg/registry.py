@@ -40,6 +40,12 @@ class Registry(Generic[T]):
 
         return decorator
 
+    def unregister(self, name: str) -> None:
+        """Remove an entry (plugins, tests)."""
+        self.get(name)
+        del self._items[name]
+        self._help.pop(name, None)
+
     def get(self, name: str) -> T:
         try:
             return self._items[name]

@@ -150,8 +150,10 @@ def test_store_keeps_heads_and_selects_batch():
     torch.testing.assert_close(store.get("l.attn1"), p[1])
     with pytest.raises(ConfigError):
         store.add(layer, p[:, :1])
-    with pytest.raises(AttnSegError, match="does not match"):
+    with pytest.raises(ConfigError, match="Q = 4"):
         store.add(layer, _probs(2, 2, 9, 9, 1))
+    with pytest.raises(AttnSegError, match="do not match"):
+        store.add(layer, _probs(2, 2, 4, 9, 1))
 
 
 def test_store_save_load_round_trip(tmp_path, tiny_adapter):

@@ -34,6 +34,7 @@ class AttentionSink(Protocol):
     """Receives probabilities from capture processors (an :class:`~attnseg.capture.store.AttentionStore`)."""
 
     def add_chunk(self, layer: LayerInfo, probs: torch.Tensor, heads: slice, out: torch.Tensor | None = None) -> None:
+        """``probs (B, h, q, K)``; sinks with ``accepts_query_chunks = True`` also get ``queries=slice``."""
         ...
 
     def end_call(self, layer: LayerInfo) -> None:
@@ -48,8 +49,8 @@ class CaptureProcessor:
         layer: the layer's description (its grid is checked against the tokens it sees).
         sink: where probability chunks ``(B, h, Q, K)`` float32 go.
         mode: ``"reuse"`` or ``"beside"`` (see the module docstring).
-        chunk_bytes: upper bound on one chunk of float32 probabilities; heads are processed in
-            groups that fit (at least one head at a time).
+        chunk_bytes: upper bound on one block of float32 probabilities (at least one head and 16
+            query rows at a time); small blocks stay in cache.
         want_outputs: also pass each chunk's per-head outputs ``probs @ v`` ``(B, h, Q, d)`` to the sink.
     """
 
@@ -60,7 +61,7 @@ class CaptureProcessor:
         sink: AttentionSink,
         *,
         mode: Literal["reuse", "beside"] = "reuse",
-        chunk_bytes: int = 64 * 2**20,
+        chunk_bytes: int = 16 * 2**20,
         want_outputs: bool = False,
     ) -> None:
         self.original = original
@@ -160,31 +161,45 @@ class CaptureProcessor:
         *,
         compute_output: bool,
     ) -> torch.Tensor | None:
-        """Probabilities in chunks of heads -> sink; returns ``(B, H, Q, d)`` outputs if asked."""
+        """Probabilities in blocks of (heads, query rows) -> sink; returns ``(B, H, Q, d)`` outputs if asked.
+
+        Blocks of query rows keep each block's scores in cache (a flash-attention-like tiling without the
+        online softmax: every block sees all keys), which is what makes explicit probabilities affordable.
+        Sinks that need whole rows of all queries at once (no ``accepts_query_chunks``) get heads only.
+        """
         b, h, nq, d = q.shape
         nk = k.shape[2]
         scale = attn.scale if self._use_module_scale else 1.0 / math.sqrt(d)
         upcast = bool(getattr(attn, "upcast_attention", False))
-        per_head = b * nq * nk * 4
-        step = max(1, min(h, self.chunk_bytes // max(per_head, 1)))
+        row_bytes = b * nk * 4  # one query row of one head, float32
+        split_queries = bool(getattr(self.sink, "accepts_query_chunks", False))
+        min_rows = min(nq, 16) if split_queries else nq
+        head_step = max(1, min(h, self.chunk_bytes // max(row_bytes * min_rows, 1)))
+        q_step = max(min_rows, self.chunk_bytes // max(row_bytes * head_step, 1)) if split_queries else nq
+        q = q * scale  # scaling q (N x d) is cheaper than scaling the N x N scores
         out = torch.empty_like(v[..., :1, :].expand(b, h, nq, d)) if compute_output else None
-        for start in range(0, h, step):
-            sl = slice(start, min(h, start + step))
-            qc, kc = q[:, sl], k[:, sl]
-            if upcast:
-                qc, kc = qc.float(), kc.float()
-            # scaling q (N x d) is cheaper than scaling the N x N scores
-            scores = torch.matmul(qc * scale, kc.transpose(-1, -2)).float()
-            if mask is not None:
-                scores += mask[:, sl] if mask.shape[1] == h else mask
-            probs = scores.softmax(dim=-1)
-            del scores
-            chunk_out = None
-            if compute_output:
-                chunk_out = torch.matmul(probs.to(v.dtype), v[:, sl])
-                assert out is not None
-                out[:, sl] = chunk_out
-            self.sink.add_chunk(self.layer, probs, sl, chunk_out if self.want_outputs else None)
-            del probs
+        for h0 in range(0, h, head_step):
+            hs = slice(h0, min(h, h0 + head_step))
+            kc, vc = k[:, hs], v[:, hs]
+            kt = (kc.float() if upcast else kc).transpose(-1, -2)
+            mask_h = None if mask is None else (mask[:, hs] if mask.shape[1] == h else mask)
+            for q0 in range(0, nq, q_step):
+                qs = slice(q0, min(nq, q0 + q_step))
+                qc = q[:, hs, qs]
+                scores = torch.matmul(qc.float() if upcast else qc, kt).float()
+                if mask_h is not None:
+                    scores += mask_h[..., qs, :] if mask_h.shape[-2] == nq else mask_h
+                probs = scores.softmax(dim=-1)
+                del scores
+                chunk_out = None
+                if compute_output:
+                    assert out is not None
+                    chunk_out = torch.matmul(probs.to(vc.dtype), vc)
+                    out[:, hs, qs] = chunk_out
+                if split_queries:
+                    self.sink.add_chunk(self.layer, probs, hs, chunk_out if self.want_outputs else None, queries=qs)
+                else:
+                    self.sink.add_chunk(self.layer, probs, hs, chunk_out if self.want_outputs else None)
+                del probs
         self.sink.end_call(self.layer)
         return out

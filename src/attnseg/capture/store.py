@@ -91,13 +91,24 @@ class AttentionStore:
             return layer.name
         return f"{layer.kind}/{layer.grid[0]}x{layer.grid[1]}"
 
-    def add_chunk(self, layer: LayerInfo, probs: torch.Tensor, heads: slice, out: torch.Tensor | None = None) -> None:
-        """Accumulate probabilities of heads ``heads`` of one call of ``layer``.
+    accepts_query_chunks = True  # the processor may send blocks of query rows
+
+    def add_chunk(
+        self,
+        layer: LayerInfo,
+        probs: torch.Tensor,
+        heads: slice,
+        out: torch.Tensor | None = None,
+        *,
+        queries: slice = slice(None),
+    ) -> None:
+        """Accumulate probabilities of heads ``heads`` and query rows ``queries`` of one call of ``layer``.
 
         Args:
-            probs: ``(B, h, Q, K)`` float32, rows sum to 1; ``h = heads.stop - heads.start``.
+            probs: ``(B, h, q, K)`` float32, rows sum to 1; ``h = heads.stop - heads.start``.
             heads: which of the layer's heads these are.
-            out: ``(B, h, Q, d)`` the heads' outputs ``probs @ v`` (unused here; for subclasses).
+            out: ``(B, h, q, d)`` the heads' outputs ``probs @ v`` (unused here; for subclasses).
+            queries: which query rows these are (all by default).
         """
         if self.batch is not None:
             probs = probs[self.batch]
@@ -108,22 +119,27 @@ class AttentionStore:
         if layer.name not in entry.layers:
             entry.layers.append(layer.name)
             self.layers[layer.name] = layer
-        b, _, q, k = probs.shape
+        b, k = probs.shape[0], probs.shape[-1]
+        q = layer.num_tokens
         if entry.sum is None:
             shape = (b, q, k) if self.heads == "mean" else (b, layer.heads, q, k)
             entry.sum = torch.zeros(shape, dtype=self.dtype, device=self.device)
         elif entry.sum.shape[0] != b or entry.sum.shape[-2:] != (q, k):
             raise AttnSegError(
-                f"attention of {layer.name} has shape {tuple(probs.shape)}, which does not match the maps already "
+                f"attention of {layer.name} has {b} x {q} x {k} maps, which do not match the maps already "
                 f"stored under {key!r} {tuple(entry.sum.shape)}; use a new store for a new input size or batch"
             )
-        probs = probs.to(self.device)
         if self.heads == "mean":
-            entry.sum += (probs.sum(1) / layer.heads).to(self.dtype)
+            target = entry.sum[:, queries]
+            if probs.device == self.device and probs.dtype == self.dtype:
+                for i in range(probs.shape[1]):  # in place, no (B, q, K) temporary per head
+                    target.add_(probs[:, i], alpha=1.0 / layer.heads)
+            else:
+                target += (probs.sum(1) / layer.heads).to(self.device, self.dtype)
         else:
             if self.group == "resolution" and entry.sum.shape[1] != layer.heads:
                 raise ConfigError(f"heads='all' with group='resolution' needs equal head counts at {key}")
-            entry.sum[:, heads] += probs.to(self.dtype)
+            entry.sum[:, heads, queries] += probs.to(self.device, self.dtype)
 
     def end_call(self, layer: LayerInfo) -> None:
         """Mark one call of ``layer`` (all heads) as complete: the running mean's count grows by one."""
@@ -142,8 +158,9 @@ class AttentionStore:
 
     def add(self, layer: LayerInfo, probs: torch.Tensor) -> None:
         """Add a whole call at once: ``probs (B, H, Q, K)`` with all heads of ``layer``."""
-        if probs.ndim != 4 or probs.shape[1] != layer.heads:
-            raise ConfigError(f"probs must be (B, {layer.heads}, Q, K) for {layer.name}, got {tuple(probs.shape)}")
+        if probs.ndim != 4 or probs.shape[1] != layer.heads or probs.shape[2] != layer.num_tokens:
+            expected = f"(B, {layer.heads}, Q = {layer.num_tokens}, K)"
+            raise ConfigError(f"probs must be {expected} for {layer.name}, got {tuple(probs.shape)}")
         self.add_chunk(layer, probs.float(), slice(0, layer.heads))
         self.end_call(layer)
 

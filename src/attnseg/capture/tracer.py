@@ -78,7 +78,7 @@ class AttentionTracer:
         layers: dict[str, LayerInfo] | None = None,
         size: tuple[int, int] | None = None,
         mode: Literal["reuse", "beside"] = "reuse",
-        chunk_bytes: int = 64 * 2**20,
+        chunk_bytes: int = 16 * 2**20,
         want_outputs: bool | None = None,
         features: Iterable[str] = (),
     ) -> None:

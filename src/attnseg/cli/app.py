@@ -127,6 +127,16 @@ def demo(
         run_demo(out, seed=seed)
 
 
+def _mount_commands() -> None:
+    from attnseg.cli.evaluate import evaluate_cmd, report_cmd
+
+    app.command("evaluate")(evaluate_cmd)
+    app.command("report")(report_cmd)
+
+
+_mount_commands()
+
+
 def _mount_optional() -> None:
     try:
         from attnseg.cli.toyworld import app as toy_app
