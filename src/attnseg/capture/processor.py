@@ -15,6 +15,7 @@ so adapters such as IP-Adapter or LoRA processors keep their own output.
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -34,7 +35,7 @@ class AttentionSink(Protocol):
     """Receives probabilities from capture processors (an :class:`~attnseg.capture.store.AttentionStore`)."""
 
     def add_chunk(self, layer: LayerInfo, probs: torch.Tensor, heads: slice, out: torch.Tensor | None = None) -> None:
-        """``probs (B, h, q, K)``; sinks with ``accepts_query_chunks = True`` also get ``queries=slice``."""
+        """``probs (B, h, q, K)``; sinks whose signature has ``queries`` also get ``queries=slice``."""
         ...
 
     def end_call(self, layer: LayerInfo) -> None:
@@ -71,6 +72,9 @@ class CaptureProcessor:
         self.mode = mode if plain else "beside"
         self.chunk_bytes = chunk_bytes
         self.want_outputs = want_outputs
+        # Sinks that take a `queries` slice get blocks of query rows; others (e.g. reducers that need
+        # every query of a head at once) get whole heads.
+        self._split_queries = "queries" in inspect.signature(sink.add_chunk).parameters
         # AttnProcessor2_0 leaves the scale to SDPA's default (1/sqrt(head_dim)); AttnProcessor uses attn.scale.
         self._use_module_scale = type(original).__name__ == "AttnProcessor"
 
@@ -165,14 +169,14 @@ class CaptureProcessor:
 
         Blocks of query rows keep each block's scores in cache (a flash-attention-like tiling without the
         online softmax: every block sees all keys), which is what makes explicit probabilities affordable.
-        Sinks that need whole rows of all queries at once (no ``accepts_query_chunks``) get heads only.
+        Sinks whose ``add_chunk`` takes no ``queries`` argument get whole heads.
         """
         b, h, nq, d = q.shape
         nk = k.shape[2]
         scale = attn.scale if self._use_module_scale else 1.0 / math.sqrt(d)
         upcast = bool(getattr(attn, "upcast_attention", False))
         row_bytes = b * nk * 4  # one query row of one head, float32
-        split_queries = bool(getattr(self.sink, "accepts_query_chunks", False))
+        split_queries = self._split_queries
         min_rows = min(nq, 16) if split_queries else nq
         head_step = max(1, min(h, self.chunk_bytes // max(row_bytes * min_rows, 1)))
         q_step = max(min_rows, self.chunk_bytes // max(row_bytes * head_step, 1)) if split_queries else nq

@@ -91,8 +91,6 @@ class AttentionStore:
             return layer.name
         return f"{layer.kind}/{layer.grid[0]}x{layer.grid[1]}"
 
-    accepts_query_chunks = True  # the processor may send blocks of query rows
-
     def add_chunk(
         self,
         layer: LayerInfo,
