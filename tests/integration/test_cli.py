@@ -83,3 +83,30 @@ def test_bad_input_gives_one_line_error(tmp_path, tiny_sd_dir, args, message):
     assert message in res.output
     assert "Traceback" not in res.output
     assert len([line for line in res.output.strip().splitlines() if line.startswith("error:")]) == 1
+
+
+def test_segment_target_and_goca(tiny_sd_dir, rgb_image, tmp_path):
+    out = tmp_path / "target"
+    res = _run("segment", rgb_image, "--model", tiny_sd_dir, "--out", out, "--method", "target", "--target", "hair",
+               "--prompt", "a photo of a man with detailed hair", "--heatmaps")
+    assert res.exit_code == 0, res.output
+    info = json.loads((out / "two-halves.json").read_text())
+    assert info["method"] == "target"
+    assert set(np.unique(np.asarray(Image.open(out / "two-halves.labels.png")))) <= {0, 1}
+    assert info["meta"]["token_indices"] == [8]  # "hair" in the paper's prompt
+    assert (out / "two-halves.heatmap.0-hair.png").is_file()
+
+    out = tmp_path / "goca"
+    res = _run("segment", rgb_image, "--model", tiny_sd_dir, "--out", out, "--method", "goca",
+               "--classes", "cat, grass, wall", "--heatmaps")
+    assert res.exit_code == 0, res.output
+    info = json.loads((out / "two-halves.json").read_text())
+    assert {s.get("name") for s in info["segments"]} <= {"background", "cat", "grass", "wall"}
+    for i, name in enumerate(("background", "cat", "grass", "wall")):
+        assert (out / f"two-halves.heatmap.{i}-{name}.png").is_file()
+
+
+def test_method_shortcut_that_does_not_apply(tiny_sd_dir, rgb_image, tmp_path):
+    res = runner.invoke(app, ["segment", str(rgb_image), "--model", str(tiny_sd_dir), "--out", str(tmp_path),
+                              "--method", "goca", "--target", "hair"])
+    assert res.exit_code == 2 and "--target does not apply to method 'goca'" in res.output

@@ -114,6 +114,7 @@ class HeadWeightedStore(AttentionStore):
         # Per-head outputs are only needed to weight heads by their contribution.
         self.wants_outputs = head_method != "average"
         self._pending: dict[str, _Pending] = {}
+        self._pending_self: dict[str, torch.Tensor] = {}
 
     # -- write side --------------------------------------------------------------------------------------------------
 
@@ -132,25 +133,37 @@ class HeadWeightedStore(AttentionStore):
             )
         return entry
 
-    def add_chunk(self, layer: LayerInfo, probs: torch.Tensor, heads: slice, out: torch.Tensor | None = None) -> None:
-        """Take the probabilities ``(B, h, Q, K)`` (and outputs ``(B, h, Q, d)``) of heads ``heads`` of one call."""
+    def add_chunk(
+        self,
+        layer: LayerInfo,
+        probs: torch.Tensor,
+        heads: slice,
+        out: torch.Tensor | None = None,
+        *,
+        queries: slice = slice(None),
+    ) -> None:
+        """Take the probabilities ``(B, h, q, K)`` (and outputs ``(B, h, q, d)``) of heads ``heads`` and query
+        rows ``queries`` of one call."""
         if self.batch is not None:
             probs = probs[self.batch]
             out = out[self.batch] if out is not None else None
         self.layers[layer.name] = layer
         if layer.kind == "cross":
-            self._add_cross(layer, probs, heads, out)
+            self._add_cross(layer, probs, heads, out, queries)
         elif layer.kind == "self":
-            self._add_self(layer, probs)
+            self._add_self(layer, probs, queries)
         else:
             raise UnsupportedModelError(f"{layer.name}: GoCA's store handles self and cross layers, not {layer.kind!r}")
 
-    def _add_cross(self, layer: LayerInfo, probs: torch.Tensor, heads: slice, out: torch.Tensor | None) -> None:
-        b, _, n, t = probs.shape
+    def _add_cross(
+        self, layer: LayerInfo, probs: torch.Tensor, heads: slice, out: torch.Tensor | None, queries: slice
+    ) -> None:
+        b, t = probs.shape[0], probs.shape[-1]
+        n = layer.num_tokens
         if self.head_method == "average":
             entry = self._entry(layer.name, CROSS_KIND, layer.grid, layer.name, (b, n, t))
             assert entry.sum is not None
-            entry.sum += (probs.sum(1) / layer.heads).to(self.device, self.dtype)
+            entry.sum[:, queries] += (probs.sum(1) / layer.heads).to(self.device, self.dtype)
             return
         if out is None:
             raise AttnSegError(f"{layer.name}: head method {self.head_method!r} needs the heads' outputs; "
@@ -165,18 +178,26 @@ class HeadWeightedStore(AttentionStore):
                 outputs=torch.empty((b, layer.heads, n, d), dtype=torch.float32, device=self.device),
                 seen=torch.zeros(layer.heads, dtype=torch.bool),
             )
-        pending.probs[:, heads] = probs.to(self.device, torch.float32)
-        pending.outputs[:, heads] = out.to(self.device, torch.float32)
-        pending.seen[heads] = True
+        pending.probs[:, heads, queries] = probs.to(self.device, torch.float32)
+        pending.outputs[:, heads, queries] = out.to(self.device, torch.float32)
+        if queries.stop is None or queries.stop >= n:  # the last block of rows of these heads
+            pending.seen[heads] = True
 
-    def _add_self(self, layer: LayerInfo, probs: torch.Tensor) -> None:
+    def _add_self(self, layer: LayerInfo, probs: torch.Tensor, queries: slice) -> None:
+        if layer.name not in self.reference_layers and layer.name not in self.refine_layers:
+            return
+        # head mean of this call, block by block; resized at end_call, when every query row is there
+        b, n = probs.shape[0], layer.num_tokens
+        mean = self._pending_self.get(layer.name)
+        if mean is None:
+            mean = self._pending_self[layer.name] = torch.zeros((b, n, n), dtype=torch.float32, device=self.device)
+        mean[:, queries] += (probs.sum(1) / layer.heads).to(self.device, torch.float32)
+
+    def _finish_self(self, layer: LayerInfo, mean: torch.Tensor) -> None:
         from attnseg.methods.goca import resize_self_attention
 
         in_ref = layer.name in self.reference_layers
         in_refine = layer.name in self.refine_layers
-        if not (in_ref or in_refine):
-            return
-        mean = (probs.sum(1) / layer.heads).to(self.device, torch.float32)  # (B, N, N): this chunk's share
         b = mean.shape[0]
         if in_ref:
             assert self.reference_grid is not None
@@ -197,6 +218,10 @@ class HeadWeightedStore(AttentionStore):
 
     def end_call(self, layer: LayerInfo) -> None:
         """Finish one call of ``layer``: combine the heads of a cross layer, then advance the running means."""
+        pending_self = self._pending_self.pop(layer.name, None)
+        if pending_self is not None:
+            self._finish_self(layer, pending_self)
+            del pending_self
         pending = self._pending.pop(layer.name, None)
         if pending is not None:
             from attnseg.methods.goca import head_weights

@@ -62,7 +62,7 @@ def method_parameters(cls: Callable[..., Any]) -> list[tuple[str, str]]:
     """Keyword-only hyper-parameters of a method class with their defaults, for ``attnseg list``."""
     sig = inspect.signature(cls)
     return [
-        (name, repr(p.default))
+        (name, "(required)" if p.default is inspect.Parameter.empty else repr(p.default))
         for name, p in sig.parameters.items()
         if p.kind is inspect.Parameter.KEYWORD_ONLY
     ]

@@ -1,0 +1,142 @@
+"""``attnseg segment``: segment images with any method and write labels, overlays, JSON (and heatmaps)."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from attnseg.cli.common import fail, handle_errors, parse_params, quiet_libraries
+
+__all__ = ["method_kwargs", "segment_cmd"]
+
+
+def method_kwargs(method: str, params: list[str] | None, **named: Any) -> dict[str, Any]:
+    """Merge ``-P NAME=VALUE`` parameters with the named shortcuts (``--target``, ``--classes``...);
+    a shortcut the method does not take is an error that names it."""
+    from attnseg.errors import ConfigError
+    from attnseg.methods.base import METHODS, list_methods
+
+    list_methods()  # registers the built-in methods
+    accepted = set(inspect.signature(METHODS.get(method)).parameters)
+    kwargs = parse_params(params)
+    for key, value in named.items():
+        if value is None:
+            continue
+        if key not in accepted:
+            flag = "--" + {"ks": "k"}.get(key, key).replace("_", "-")
+            raise ConfigError(f"{flag} does not apply to method {method!r}")
+        kwargs[key] = value
+    return kwargs
+
+
+def segment_cmd(
+    images: list[Path] = typer.Argument(..., help="Image files or folders of images."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (label PNG, overlay PNG, JSON per image)."),
+    model: str = typer.Option(
+        "toyworld", "--model", "-m", help="Hub model id, local diffusers folder, or 'toyworld' (bundled)."
+    ),
+    method: str = typer.Option("diffseg", "--method", help="Segmentation method (see `attnseg list`)."),
+    param: list[str] = typer.Option(
+        None, "--param", "-P", help="Method hyper-parameter NAME=VALUE (repeatable), e.g. -P refine=true."
+    ),
+    target: str | None = typer.Option(None, "--target", help="target: the word to segment, e.g. hair."),
+    classes: str | None = typer.Option(None, "--classes", help="goca: class names, e.g. 'cat, grass, wall'."),
+    k: str | None = typer.Option(None, "--k", help="clustering: cluster counts, e.g. 2,5,10."),
+    variant: str | None = typer.Option(None, "--variant", help="Method variant (target, goca)."),
+    prompt: str | None = typer.Option(None, "--prompt", help="Prompt for the denoiser pass (method default if unset)."),
+    timestep: int | None = typer.Option(None, "--timestep", help="Denoiser timestep (method default if unset)."),
+    noise: bool | None = typer.Option(None, "--noise/--no-noise", help="Noise the latent to the timestep."),
+    size: int | None = typer.Option(None, "--size", help="Square input size in pixels (model default if unset)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for every random draw."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+    device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda."),
+    heatmaps: bool = typer.Option(False, "--heatmaps", help="Also write each continuous score map as a PNG."),
+    pca_rgb: bool = typer.Option(False, "--pca-rgb", help="clustering: write the per-head PCA RGB grid."),
+    save_store: bool = typer.Option(False, "--save-store", help="Also save the captured attention (safetensors)."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary of all images on stdout."),
+) -> None:
+    """Segment images and write label PNGs, colour overlays and per-segment JSON."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    quiet_libraries()
+    with handle_errors():
+        from attnseg.io.images import expand_image_paths, load_image
+        from attnseg.methods.base import create_method
+        from attnseg.models.loading import load_model
+        from attnseg.pipeline import AttentionSegmentationPipeline
+
+        paths = expand_image_paths(images)
+        ks = tuple(int(v) for v in k.split(",") if v.strip()) if k else None
+        # a prompt given to a method that owns its prompt (target, goca) goes to the method
+        owns_prompt = method in ("target", "goca")
+        kwargs = method_kwargs(
+            method, param, target=target, classes=classes, ks=ks, variant=variant,
+            prompt=prompt if owns_prompt else None,
+        )
+        seg = create_method(method, **kwargs)
+        images_in = [load_image(p) for p in paths]  # fail on a bad image before loading the model
+        adapter = load_model(model, dtype=dtype, device=device)
+        pipe = AttentionSegmentationPipeline(adapter, seg)
+        in_size = (size, size) if size else None
+        smallest = adapter.latent_scale * 2
+        for p, im in zip(paths, images_in, strict=True):
+            if min(im.size) < smallest:
+                fail(f"{p} is {im.size[0]}x{im.size[1]} px; this model needs at least {smallest} px a side")
+        out.mkdir(parents=True, exist_ok=True)
+        summary = []
+        with Progress(
+            TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+            TimeRemainingColumn(), transient=True, disable=as_json,
+        ) as progress:
+            task = progress.add_task("segmenting", total=len(paths))
+            stems: dict[str, int] = {}
+            for path, image in zip(paths, images_in, strict=True):
+                stem = path.stem if path.stem not in stems else f"{path.stem}-{stems[path.stem]}"
+                stems[path.stem] = stems.get(path.stem, 0) + 1
+                output = pipe.run(
+                    image, prompt=None if owns_prompt else prompt, timestep=timestep, add_noise=noise, seed=seed,
+                    size=in_size, store_path=out / f"{stem}.attention.safetensors" if save_store else None,
+                )
+                written = write_extras(output, out, stem, heatmaps=heatmaps, pca_rgb=pca_rgb)
+                entry = {"image": str(path), **{key: str(v) for key, v in written.items()},
+                         "num_segments": output.result.num_segments}
+                summary.append(entry)
+                progress.advance(task)
+        if as_json:
+            typer.echo(json.dumps({"model": model, "method": method, "images": summary}, indent=2))
+        else:
+            typer.echo(f"segmented {len(summary)} image(s) with {method} on {model}; results in {out}")
+
+
+def write_extras(output: Any, out: Path, stem: str, *, heatmaps: bool, pca_rgb: bool) -> dict[str, Path]:
+    """Write the result (labels, overlay, JSON), its heatmaps and the clustering figures; return the paths."""
+    from attnseg.io.export import overlay, save_heatmap
+
+    result = output.result
+    written = result.save(out, image=output.image, stem=stem)
+    if heatmaps and result.scores is not None:
+        k = result.scores.shape[0]
+        names = result.label_names or ()
+        if len(names) != k:  # e.g. the target method: one continuous map for the last (target) label
+            names = (names[-1],) if k == 1 and names else tuple(str(i) for i in range(k))
+        for i, name in enumerate(names):
+            safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in str(name))
+            written[f"heatmap:{name}"] = save_heatmap(result.scores[i].numpy(), out / f"{stem}.heatmap.{i}-{safe}.png")
+    clustering = result.meta.get("clustering") if isinstance(result.meta, dict) else None
+    if clustering is not None and hasattr(clustering, "label_maps"):
+        for kk, labels in clustering.label_maps.items():
+            path = out / f"{stem}.k{kk}.overlay.png"
+            overlay(output.image, labels.numpy()).save(path)
+            written[f"overlay:k{kk}"] = path
+        if pca_rgb:
+            from PIL import Image
+
+            grid = (clustering.pca_rgb.clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+            path = out / f"{stem}.pca-rgb.png"
+            Image.fromarray(grid).save(path)
+            written["pca_rgb"] = path
+    return written

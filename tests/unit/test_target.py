@@ -1,0 +1,278 @@
+"""Tests of the target (hair-paper) method: ``attnseg.methods.target``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnseg.capture.store import AttentionStore
+from attnseg.errors import ConfigError, TokenNotFoundError
+from attnseg.methods.base import METHODS, Segmenter, create_method
+from attnseg.methods.target import (
+    GuidedSelection,
+    TargetSegmenter,
+    aggregate_target_cross,
+    guided_selection,
+    otsu_threshold,
+    resolve_resolution_weights,
+)
+from attnseg.prompts import tokenize
+from attnseg.types import LayerInfo, Prompt
+
+torch.set_num_threads(1)
+
+R = 16
+PROMPT = "a photo of a man with detailed hair"
+
+
+def target_region(r: int = R) -> torch.Tensor:
+    """``(r, r) bool``: an off-centre rectangle (the "hair")."""
+    mask = torch.zeros(r, r, dtype=torch.bool)
+    mask[2 : r // 2, 3 : r - 4] = True
+    return mask
+
+
+def region_self_attention(mask: torch.Tensor) -> torch.Tensor:
+    """``(r, r, r, r)``: queries in the region attend uniformly to the region, the others to the rest."""
+    r = mask.shape[0]
+    flat = mask.reshape(-1).float()
+    inside = flat / flat.sum()
+    outside = (1 - flat) / (1 - flat).sum()
+    rows = torch.where(mask.reshape(-1, 1), inside[None], outside[None])
+    return rows.reshape(r, r, r, r)
+
+
+def smooth_self_attention(r: int = R, width: float = 2.0) -> torch.Tensor:
+    """``(r, r, r, r)``: Gaussian locality, each query map sums to 1 (no map matches a blob exactly)."""
+    ys, xs = torch.meshgrid(torch.arange(r), torch.arange(r), indexing="ij")
+    pos = torch.stack([ys.reshape(-1), xs.reshape(-1)], 1).float()
+    d2 = torch.cdist(pos, pos) ** 2
+    rows = torch.softmax(-d2 / (2 * width**2), dim=1)
+    return rows.reshape(r, r, r, r)
+
+
+def encode(clip_tokenizer, text: str) -> Prompt:
+    tok = tokenize(clip_tokenizer, text)
+    return Prompt(text=text, embeddings=torch.zeros(1, len(tok.tokens), 4), **tok.fields())
+
+
+def synthetic_store(mask: torch.Tensor, hair_index: int, num_tokens: int = 77, heads: int = 2) -> AttentionStore:
+    """A resolution-grouped store with one self and one cross layer whose maps encode ``mask``."""
+    r = mask.shape[0]
+    n = r * r
+    store = AttentionStore(group="resolution", meta={"image_size": [2 * r, 2 * r]})
+    info_self = LayerInfo("up_blocks.1.attentions.0.transformer_blocks.0.attn1", "self", (r, r), heads, 8, "up", 0,
+                          "up_blocks.1")
+    info_cross = LayerInfo("up_blocks.1.attentions.0.transformer_blocks.0.attn2", "cross", (r, r), heads, 8, "up", 1,
+                           "up_blocks.1")
+    self_rows = region_self_attention(mask).reshape(n, n)
+    store.add(info_self, self_rows.expand(1, heads, n, n).clone())
+    cross = torch.full((n, num_tokens), 0.5 / (num_tokens - 1))
+    cross[:, hair_index] = torch.where(mask.reshape(-1), 0.5, 0.05)
+    cross = cross / cross.sum(1, keepdim=True)
+    store.add(info_cross, cross.expand(1, heads, n, num_tokens).clone())
+    return store
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# guided_selection
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_selection_recovers_the_target_region():
+    mask = target_region()
+    attn = region_self_attention(mask)
+    sel = guided_selection(mask.float(), attn)
+    assert isinstance(sel, GuidedSelection)
+    mean_map, selected = sel  # the issue's contract: (averaged map, boolean selection)
+    assert selected.dtype == torch.bool and selected.shape == (R, R)
+    assert torch.equal(selected, mask)
+    assert not sel.fallback and sel.num_selected == int(mask.sum())
+    assert mean_map.shape == (R, R)
+    torch.testing.assert_close(mean_map.sum(), torch.tensor(1.0))
+    # the averaged map is the region's uniform distribution, so Otsu recovers the region exactly
+    assert torch.equal(mean_map > otsu_threshold(mean_map), mask)
+    # divergence ~0 inside (identical distributions up to eps), large outside
+    assert float(sel.divergence[mask].max()) < 1e-4
+    assert float(sel.divergence[~mask].min()) > 5
+
+
+def test_selection_is_monotone_in_tau():
+    attn = smooth_self_attention()
+    blob = torch.zeros(R, R)
+    blob[4:9, 5:12] = 1.0
+    previous = torch.zeros(R, R, dtype=torch.bool)
+    counts = []
+    for tau in (0.5, 1.0, 2.0, 4.0, 8.0):
+        sel = guided_selection(blob, attn, tau=tau, fallback_fraction=1.0)
+        if sel.fallback:
+            continue
+        assert bool((previous & ~sel.selected).sum() == 0), "a larger tau must keep every map a smaller one kept"
+        previous = sel.selected
+        counts.append(sel.num_selected)
+        assert torch.equal(sel.selected, sel.divergence < tau)
+    assert len(counts) >= 3 and counts == sorted(counts) and counts[0] < counts[-1]
+
+
+def test_fallback_when_nothing_passes_tau():
+    attn = smooth_self_attention()
+    blob = torch.zeros(R, R)
+    blob[4:9, 5:12] = 1.0
+    sel = guided_selection(blob, attn, tau=1e-6)
+    expected = round(0.01 * R * R)  # 2.56 -> 3 maps
+    assert sel.fallback and sel.num_selected == expected
+    lowest = torch.topk(sel.divergence.reshape(-1), expected, largest=False).indices
+    assert torch.equal(sel.selected.reshape(-1).nonzero().reshape(-1).sort().values, lowest.sort().values)
+    flat = attn.reshape(R * R, R * R)
+    torch.testing.assert_close(sel.mean_map.reshape(-1), flat[lowest].mean(0))
+    assert guided_selection(blob, attn, tau=1e-6, fallback_fraction=0.05).num_selected == round(0.05 * R * R)
+
+
+def test_selection_input_validation():
+    attn = smooth_self_attention(8)
+    with pytest.raises(ConfigError, match="self_attn"):
+        guided_selection(torch.ones(8, 8), attn.reshape(64, 64))
+    with pytest.raises(ConfigError, match="cross_map"):
+        guided_selection(torch.ones(4, 4), attn)
+    with pytest.raises(ConfigError, match="tau"):
+        guided_selection(torch.ones(8, 8), attn, tau=0)
+    with pytest.raises(ConfigError, match="non-negative"):
+        guided_selection(-torch.ones(8, 8), attn)
+    with pytest.raises(ConfigError, match="fallback_fraction"):
+        guided_selection(torch.ones(8, 8), attn, fallback_fraction=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# cross map and weights
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_resolution_weights_are_matched_coarse_to_fine():
+    assert resolve_resolution_weights([64, 8, 32, 16], (0.3, 0.5, 0.1, 0.1)) == {8: 0.3, 16: 0.5, 32: 0.1, 64: 0.1}
+    # a 2-level model takes the first (coarsest) two of the SD 1.x defaults
+    assert resolve_resolution_weights([16, 8], (0.3, 0.5, 0.1, 0.1)) == {8: 0.3, 16: 0.5}
+    assert resolve_resolution_weights([8, 16, 32], {16: 0.7, 32: 0.3}) == {8: 0.0, 16: 0.7, 32: 0.3}
+    with pytest.raises(ConfigError, match="entries"):
+        resolve_resolution_weights([8, 16, 32], (0.5, 0.5))
+    with pytest.raises(ConfigError, match="weight 0"):
+        resolve_resolution_weights([8], {16: 1.0})
+
+
+def test_target_cross_map_is_a_weighted_sum_of_minmaxed_maps():
+    t = 5
+    coarse = torch.zeros(4, t)
+    coarse[:, 2] = torch.tensor([0.0, 1.0, 2.0, 3.0])  # 2x2 grid
+    fine = torch.zeros(16, t)
+    fine[:, 2] = torch.arange(16.0)
+    out = aggregate_target_cross({2: coarse, 4: fine}, [2], {2: 0.25, 4: 0.75}, (4, 4))
+    assert out.shape == (4, 4)
+    # each minmaxed map spans [0, 1]; the sum spans [0, 1] with these weights, fine map exactly at its corners
+    assert float(out.min()) == pytest.approx(0.0) and float(out.max()) == pytest.approx(1.0)
+    torch.testing.assert_close(out[0, 0], torch.tensor(0.0))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# TargetSegmenter
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_registered_and_protocol():
+    assert METHODS.get("target") is TargetSegmenter
+    seg = create_method("target", target="hair", tau=0.8)
+    assert isinstance(seg, Segmenter)
+    opts = seg.run_options()
+    assert (opts.timestep, opts.add_noise, opts.sample_posterior, opts.prompt) == (0, False, False, PROMPT)
+
+
+@pytest.mark.parametrize("variant", ["guided", "cross-only", "diffsegmenter"])
+@pytest.mark.parametrize("binarize", ["otsu-then-resize", "resize-then-otsu"])
+def test_segment_recovers_the_region(clip_tokenizer, variant, binarize):
+    prompt = encode(clip_tokenizer, PROMPT)
+    mask = target_region()
+    store = synthetic_store(mask, hair_index=8)
+    result = TargetSegmenter(variant=variant, binarize=binarize).segment(store, prompt=prompt)
+    assert result.labels.shape == (2 * R, 2 * R) and result.labels.dtype == torch.int64
+    assert result.scores is not None and result.scores.shape == (1, 2 * R, 2 * R)
+    assert result.label_names == ("background", "hair")
+    assert result.meta["token_indices"] == [8]
+    expected = mask.repeat_interleave(2, 0).repeat_interleave(2, 1).long()
+    assert torch.equal(result.labels, expected)
+    if variant == "guided":
+        assert result.meta["num_selected"] == int(mask.sum()) and result.meta["fallback"] is False
+    assert 0 <= result.meta["otsu_threshold"] <= 1
+
+
+def test_segment_needs_the_prompt_and_the_word(clip_tokenizer):
+    store = synthetic_store(target_region(), hair_index=8)
+    seg = TargetSegmenter()
+    with pytest.raises(ConfigError, match="prompt"):
+        seg.segment(store)
+    with pytest.raises(TokenNotFoundError):
+        seg.segment(store, prompt=encode(clip_tokenizer, "a photo of a man"))
+
+
+def test_hyper_parameter_validation():
+    with pytest.raises(ConfigError, match="prompt"):
+        TargetSegmenter(target="hair", prompt="a photo of a man")
+    with pytest.raises(ConfigError, match="prompt"):
+        TargetSegmenter(target="hair", prompt="a photo of a haircut")  # whole words only
+    for kwargs, name in [
+        ({"target": ""}, "target"),
+        ({"tau": 0}, "tau"),
+        ({"tau": float("nan")}, "tau"),
+        ({"variant": "sam"}, "variant"),
+        ({"binarize": "otsu"}, "binarize"),
+        ({"layers": "down"}, "layers"),
+        ({"cross_weights": (0.5, -1.0)}, "cross_weights"),
+        ({"cross_weights": (0.0, 0.0)}, "cross_weights"),
+        ({"cross_weights": {0: 1.0}}, "cross_weights"),
+        ({"fallback_fraction": 0}, "fallback_fraction"),
+        ({"eps": 0}, "eps"),
+        ({"timestep": -1}, "timestep"),
+    ]:
+        with pytest.raises(ConfigError, match=name):
+            TargetSegmenter(**kwargs)
+    with pytest.raises(ConfigError, match="no parameter"):
+        create_method("target", threshold=0.5)
+    assert TargetSegmenter(target="Hair", prompt="A photo of long HAIR").target == "Hair"
+
+
+def test_layer_selection(tiny_adapter):
+    layers = tiny_adapter.attention_layers()
+    guided = [layers[n] for n in TargetSegmenter().select_layers(layers)]
+    assert {i.position for i in guided} == {"up", "mid"} and {i.kind for i in guided} == {"self", "cross"}
+    cross_only = [layers[n] for n in TargetSegmenter(variant="cross-only").select_layers(layers)]
+    assert {i.kind for i in cross_only} == {"cross"}
+    base = [layers[n] for n in TargetSegmenter(variant="diffsegmenter").select_layers(layers)]
+    assert {i.position for i in base if i.kind == "cross"} == {"down", "mid", "up"}
+    finest = max(i.num_tokens for i in layers.values())
+    assert all(i.num_tokens == finest for i in base if i.kind == "self")
+    assert [i.index for i in guided] == sorted(i.index for i in guided)
+
+
+@pytest.mark.parametrize("variant", ["guided", "cross-only", "diffsegmenter"])
+def test_end_to_end_on_a_tiny_model(tiny_adapter, rgb_image, variant):
+    from attnseg.pipeline import AttentionSegmentationPipeline
+
+    pipe = AttentionSegmentationPipeline(tiny_adapter, "target", variant=variant)
+    out = pipe.run(rgb_image, seed=0)
+    result = out.result
+    h, w = out.image.size[1], out.image.size[0]
+    assert result.labels.shape == (h, w) and result.labels.dtype == torch.int64
+    assert set(result.labels.unique().tolist()) <= {0, 1}
+    assert result.scores is not None and result.scores.shape == (1, h, w)
+    assert result.label_names == ("background", "hair") and result.method == "target"
+    assert result.meta["token_indices"] == [8]  # "hair" in the paper's prompt
+    assert "otsu_threshold" in result.meta and result.params["variant"] == variant
+    if variant == "guided":
+        assert result.meta["num_selected"] >= 1 and isinstance(result.meta["fallback"], bool)
+    assert out.store.meta["timestep"] == 0 and out.store.meta["add_noise"] is False
+
+
+def test_non_square_input(tiny_adapter, rgb_image):
+    from attnseg.pipeline import AttentionSegmentationPipeline
+
+    out = AttentionSegmentationPipeline(tiny_adapter, "target", variant="cross-only").run(rgb_image, size=(32, 48))
+    assert out.result.labels.shape == (32, 48)
+    with pytest.raises(ConfigError, match="square"):
+        AttentionSegmentationPipeline(tiny_adapter, "target").run(rgb_image, size=(32, 48))
