@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from attnseg.errors import ImageError
 
-__all__ = ["IMAGE_SUFFIXES", "expand_image_paths", "load_image", "to_rgb"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["IMAGE_SUFFIXES", "expand_image_paths", "load_image", "pil_to_tensor", "resize_image", "to_rgb"]
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"})
 
@@ -112,3 +115,25 @@ def expand_image_paths(inputs: Iterable[str | Path]) -> list[Path]:
         else:
             out.append(p)
     return out
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> ``(1, 3, H, W)`` float32 in [-1, 1]."""
+    import torch
+
+    arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1)[None]
+
+
+def resize_image(image: Image.Image, size: tuple[int, int], mode: Literal["center-crop", "resize"]) -> Image.Image:
+    """Resize a PIL image to ``size = (H, W)``: centre crop to the target aspect ratio first, or squash."""
+    h, w = size
+    if mode == "center-crop":
+        iw, ih = image.size
+        scale = max(w / iw, h / ih)
+        cw, ch = round(w / scale), round(h / scale)
+        left, top = (iw - cw) // 2, (ih - ch) // 2
+        image = image.crop((left, top, left + cw, top + ch))
+    elif mode != "resize":
+        raise ImageError(f"crop must be 'center-crop' or 'resize', got {mode!r}")
+    return image.resize((w, h), Image.Resampling.BILINEAR)

@@ -117,13 +117,6 @@ def load_components(
             "scheduler": scheduler, **extra}
 
 
-def _is_toy_folder(path: Path) -> bool:
-    """A folder written by ``attnseg toyworld train`` (weights + config + meta, no model_index.json)."""
-    return path.is_dir() and not (path / "model_index.json").exists() and all(
-        (path / f).is_file() for f in ("model.safetensors", "config.json", "meta.json")
-    )
-
-
 def load_model(
     id_or_path: str,
     *,
@@ -140,7 +133,9 @@ def load_model(
         if dtype not in ("float32", "float16", "bfloat16"):
             raise ConfigError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
         dtype = getattr(torch, dtype)
-    if id_or_path == "toyworld" or _is_toy_folder(Path(id_or_path)):
+    from attnseg.toyworld.model import is_toy_model_dir
+
+    if id_or_path == "toyworld" or is_toy_model_dir(id_or_path):
         from attnseg.models.toy import ToyAdapter
 
         path = None if id_or_path == "toyworld" else id_or_path

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import torch
 
 from attnseg.errors import ConfigError, ImageError, UnsupportedModelError
+from attnseg.io.images import pil_to_tensor, resize_image
 from attnseg.models.base import ADAPTERS, DiffusionAdapter
 from attnseg.types import LayerInfo, Prompt
 
@@ -65,29 +66,6 @@ def unet_attention_layers(unet: torch.nn.Module, latent_size: tuple[int, int]) -
     rank = {"down": 0, "mid": 1, "up": 2}
     ordered = sorted(layers.values(), key=lambda i: rank[i.position])  # stable: keeps order within a position
     return {i.name: replace(i, index=k) for k, i in enumerate(ordered)}
-
-
-def _pil_to_tensor(image: Image.Image) -> torch.Tensor:
-    import numpy as np
-
-    arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(2, 0, 1)[None]
-
-
-def resize_image(image: Image.Image, size: tuple[int, int], mode: Literal["center-crop", "resize"]) -> Image.Image:
-    """Resize a PIL image to ``size = (H, W)``: centre crop to the target aspect ratio first, or squash."""
-    from PIL import Image as PILImage
-
-    h, w = size
-    if mode == "center-crop":
-        iw, ih = image.size
-        scale = max(w / iw, h / ih)
-        cw, ch = round(w / scale), round(h / scale)
-        left, top = (iw - cw) // 2, (ih - ch) // 2
-        image = image.crop((left, top, left + cw, top + ch))
-    elif mode != "resize":
-        raise ConfigError(f"crop must be 'center-crop' or 'resize', got {mode!r}")
-    return image.resize((w, h), PILImage.Resampling.BILINEAR)
 
 
 @ADAPTERS.register("unet", help="Stable Diffusion 1.x / 2.x / XL (UNet2DConditionModel + AutoencoderKL + CLIP)")
@@ -208,7 +186,7 @@ class UNetAdapter(DiffusionAdapter):
         s = self.latent_scale
         if size[0] % s or size[1] % s:
             raise ImageError(f"input size {size} must be a multiple of {s} (the VAE's downsampling)")
-        return _pil_to_tensor(resize_image(image, size, self.crop)).to(self.device, self.dtype)
+        return pil_to_tensor(resize_image(image, size, self.crop)).to(self.device, self.dtype)
 
     @torch.no_grad()
     def encode_image(

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from attnseg.errors import AttnSegError, ModelNotFoundError
 from attnseg.toyworld.tokenizer import WordTokenizer
-from attnseg.toyworld.world import WorldConfig, world_words
+from attnseg.toyworld.world import WorldConfig, format_objects, world_words
 
 if TYPE_CHECKING:
     import torch
@@ -38,6 +38,7 @@ __all__ = [
     "ToyModel",
     "build_toy_model",
     "default_toy_config",
+    "is_toy_model_dir",
     "load_toy_model",
     "save_toy_model",
     "sha256_file",
@@ -86,7 +87,9 @@ class ToyConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ToyConfig:
         if d.get("format") != FORMAT_VERSION:
-            raise AttnSegError(f"toy model config format {d.get('format')!r} is not supported (expected {FORMAT_VERSION})")
+            raise AttnSegError(
+                f"toy model config format {d.get('format')!r} is not supported (expected {FORMAT_VERSION})"
+            )
         unet = dict(d["unet"])
         for key in ("down_block_types", "up_block_types", "block_out_channels"):
             if key in unet:
@@ -190,10 +193,10 @@ def _longest_caption(world: WorldConfig) -> int:
     tok = WordTokenizer(world_words(world), max_length=2)
     colour = max(world.colours, key=len)
     shape = max(world.shape_classes, key=len)
-    phrases = ", ".join([f"a {colour} {shape}"] * world.max_objects)
+    objects = format_objects([f"{colour} {shape}"] * world.max_objects)
     longest = 0
     for t in world.templates:
-        text = t.format(objects=phrases + " and x", pattern=world.patterns[0])
+        text = t.format(objects=objects, pattern=max(world.patterns, key=len))
         longest = max(longest, len(tok.words(text)))
     return longest
 
@@ -219,11 +222,28 @@ class ToyModel:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def encode_text(self, texts: list[str]) -> torch.Tensor:
-        """Captions -> ``(B, T, text_width)`` hidden states on the text encoder's device and dtype."""
+        """Captions -> ``(B, T, text_width)`` conditioning on the text encoder's device and dtype.
+
+        The text encoder is causal, so ``<eos>`` and the padding after it would each carry a summary of the whole
+        caption, and a pixel could read everything from them without attending to the words. Their states are
+        replaced by the ``<sos>`` state, which (causal, position 0) is the same constant for every caption: the
+        words are then the only tokens that carry content, which is what makes per-token cross-attention maps
+        informative. The UNet is trained and used with exactly this conditioning.
+        """
         import torch
 
         ids = torch.tensor(self.tokenizer.batch(texts), device=self.text_encoder.device)
-        return self.text_encoder(input_ids=ids).last_hidden_state
+        return self.condition(ids)
+
+    def condition(self, ids: torch.Tensor) -> torch.Tensor:
+        """``(B, T) int64`` token ids -> ``(B, T, text_width)`` conditioning (see :meth:`encode_text`)."""
+        import torch
+
+        hidden = self.text_encoder(input_ids=ids).last_hidden_state
+        tok = self.tokenizer
+        after = (ids == tok.eos_id) | (ids == tok.pad_id)
+        null = hidden[:, :1].expand_as(hidden)
+        return torch.where(after[..., None], null, hidden)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """All weights, UNet under ``"unet."`` and text encoder under ``"text_encoder."``."""
@@ -265,27 +285,53 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def save_toy_model(model: ToyModel, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
+def save_toy_model(
+    model: ToyModel, path: str | Path, meta: dict[str, Any] | None = None, *, dtype: str = "float16"
+) -> Path:
     """Write ``model.safetensors``, ``config.json`` and ``meta.json`` (with the weights' sha256) to ``path``.
 
-    Weights are written as float32 and contiguous, whatever the model's dtype.
+    Args:
+        model: the model to save.
+        path: output folder (created).
+        meta: training record to store in ``meta.json`` (``sha256``, ``bytes``, ``weights_dtype`` are added).
+        dtype: storage dtype of the weights, ``"float16"`` (default: half the size; the model trains under
+            bfloat16 autocast, whose rounding is coarser) or ``"float32"``. They load as float32.
     """
+    import torch
     from safetensors.torch import save_file
 
+    dtypes = {"float16": torch.float16, "float32": torch.float32}
+    if dtype not in dtypes:
+        raise ValueError(f"dtype must be one of {sorted(dtypes)}, got {dtype!r}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to(dtypes[dtype]).contiguous().cpu() for k, v in model.state_dict().items()}
     tmp = path / (WEIGHTS_FILE + ".tmp")
     save_file(state, str(tmp), metadata={"format": "pt", "attnseg": "toyworld"})
+    tmp.chmod(0o644)  # package data: readable by all (safetensors may create it private)
     tmp.replace(path / WEIGHTS_FILE)
     (path / CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=1) + "\n")
     record = dict(meta or {})
     record["weights_file"] = WEIGHTS_FILE
     record["sha256"] = sha256_file(path / WEIGHTS_FILE)
     record["bytes"] = (path / WEIGHTS_FILE).stat().st_size
+    record["weights_dtype"] = dtype
     (path / META_FILE).write_text(json.dumps(record, indent=1) + "\n")
     model.meta = record
     return path
+
+
+def is_toy_model_dir(path: str | Path) -> bool:
+    """True if ``path`` is a folder laid out as :func:`save_toy_model` writes it (cheap: reads ``config.json``)."""
+    folder = Path(path)
+    config = folder / CONFIG_FILE
+    if not (folder.is_dir() and config.is_file() and (folder / WEIGHTS_FILE).is_file()):
+        return False
+    try:
+        d = json.loads(config.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return isinstance(d, dict) and d.get("format") == FORMAT_VERSION and {"world", "unet", "text_encoder"} <= set(d)
 
 
 def load_toy_model(
@@ -329,7 +375,7 @@ def load_toy_model(
             )
     model = build_toy_model(config, seed=None)
     try:
-        model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+        model.load_state_dict({k: v.float() for k, v in load_file(str(folder / WEIGHTS_FILE)).items()})
     except (RuntimeError, OSError, ValueError) as e:
         raise AttnSegError(f"{what}: weights do not match config.json ({e})") from e
     model.meta = meta

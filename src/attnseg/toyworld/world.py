@@ -30,6 +30,7 @@ __all__ = [
     "Scene",
     "SceneObject",
     "WorldConfig",
+    "format_objects",
     "generate_scene",
     "scene_seed",
     "world_words",
@@ -325,7 +326,8 @@ def _split_words(text: str) -> list[str]:
     return out
 
 
-def _object_list(phrases: list[str]) -> str:
+def format_objects(phrases: list[str]) -> str:
+    """``["red circle", "blue square"]`` -> ``"a red circle and a blue square"`` (Oxford-comma-free list)."""
     items = [f"a {p}" for p in phrases]
     if len(items) == 1:
         return items[0]
@@ -424,11 +426,11 @@ def generate_scene(seed: int, config: WorldConfig | None = None) -> Scene:
     weights = np.asarray(config.template_weights, dtype=np.float64)
     template = int(rng.choice(len(config.templates), p=weights / weights.sum()))
     phrases = [f"{placed[old]['colour']} {placed[old]['shape']}" for old in order]
-    caption = config.templates[template].format(objects=_object_list(phrases), pattern=pattern)
+    caption = config.templates[template].format(objects=format_objects(phrases), pattern=pattern)
 
     # Character spans of each object's phrase: the list is built in caption order, so search forward.
     objects: list[SceneObject] = []
-    cursor = caption.index(_object_list(phrases))
+    cursor = caption.index(format_objects(phrases))
     for new, old in enumerate(order):
         p = placed[old]
         start = caption.index(phrases[new], cursor)
