@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from attnseg.capture.store import AttentionStore
 from attnseg.capture.tracer import AttentionTracer
@@ -67,9 +68,7 @@ def capture(adapter: ToyAdapter, split: str, n: int, timestep: int) -> list[Capt
     return out
 
 
-def _pil(arr: np.ndarray):  # noqa: ANN202
-    from PIL import Image
-
+def _pil(arr: np.ndarray) -> Image.Image:
     return Image.fromarray(arr)
 
 
@@ -174,7 +173,7 @@ def main() -> None:
     }
     record = {
         "benchmark": "toyworld",
-        "protocol": __doc__.split("Protocol (stated in the results file too):")[1].split("python benchmarks")[0].strip(),
+        "protocol": __doc__.split("Protocol (stated in the results file too):")[1].split("    python")[0].strip(),
         "model": {k: trained.model.meta.get(k) for k in ("steps", "batch_size", "final_loss", "sha256")},
         "splits": {"val": args.n_val, "test": args.n_test},
         "chosen_on_val": {
