@@ -110,3 +110,28 @@ def test_method_shortcut_that_does_not_apply(tiny_sd_dir, rgb_image, tmp_path):
     res = runner.invoke(app, ["segment", str(rgb_image), "--model", str(tiny_sd_dir), "--out", str(tmp_path),
                               "--method", "goca", "--target", "hair"])
     assert res.exit_code == 2 and "--target does not apply to method 'goca'" in res.output
+
+
+def test_segment_clustering_writes_every_k_and_merged_masks(tiny_sd_dir, rgb_image, tmp_path):
+    res = _run("segment", rgb_image, "--model", tiny_sd_dir, "--out", tmp_path, "--method", "clustering",
+               "--k", "2,3", "--pca-rgb")
+    assert res.exit_code == 0, res.output
+    for k in (2, 3):
+        labels = np.asarray(Image.open(tmp_path / f"two-halves.k{k}.labels.png"))
+        assert labels.shape == (32, 32) and len(np.unique(labels)) <= k
+        assert (tmp_path / f"two-halves.k{k}.overlay.png").is_file()
+    masks = json.loads((tmp_path / "two-halves.masks" / "masks.json").read_text())
+    assert {m["k"] for m in masks["masks"]} <= {2, 3} and masks["masks"]
+    for m in masks["masks"]:
+        assert np.asarray(Image.open(tmp_path / "two-halves.masks" / m["file"])).sum() // 255 == m["area"]
+    assert (tmp_path / "two-halves.pca-rgb.png").is_file()
+
+
+def test_generate_with_clustering(tmp_path):
+    res = _run("generate", "a red circle on a plain background", "--out", tmp_path, "--k", "2,3", "--steps", "4",
+               "--json")
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert len(summary["timesteps"]) == 4
+    assert Image.open(tmp_path / "image.png").size == (32, 32)
+    assert (tmp_path / "image.k3.overlay.png").is_file() and (tmp_path / "image.masks" / "masks.json").is_file()

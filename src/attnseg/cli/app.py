@@ -16,6 +16,9 @@ app = typer.Typer(
         "Examples:\n\n"
         "  attnseg segment photo.jpg --model stable-diffusion-v1-5/stable-diffusion-v1-5 --out out/\n\n"
         "  attnseg segment images/ --model ./my-sd-folder --method diffseg -P kl_thresholds=0.9,0.9,0.9 --out out/\n\n"
+        "  attnseg segment photo.jpg --model ./sd15 --method goca --classes 'cat, grass' --out out/\n\n"
+        "  attnseg generate 'a baby in a yellow toy car' --model ./sd21 --method clustering --k 2,5,10\n\n"
+        "  attnseg evaluate --protocol diffseg-cocostuff27 --root /data/coco --model ./sd14 --out runs/ds\n\n"
         "  attnseg demo --out out/demo        (offline, bundled model)\n\n"
         "  attnseg list                        (models, methods and their parameters)"
     ),
@@ -62,9 +65,11 @@ def demo(
 
 def _mount_commands() -> None:
     from attnseg.cli.evaluate import evaluate_cmd, report_cmd
+    from attnseg.cli.generate import generate_cmd
     from attnseg.cli.segment import segment_cmd
 
     app.command("segment")(segment_cmd)
+    app.command("generate")(generate_cmd)
     app.command("evaluate")(evaluate_cmd)
     app.command("report")(report_cmd)
 

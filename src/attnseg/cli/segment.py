@@ -11,7 +11,7 @@ import typer
 
 from attnseg.cli.common import fail, handle_errors, parse_params, quiet_libraries
 
-__all__ = ["method_kwargs", "segment_cmd"]
+__all__ = ["method_kwargs", "segment_cmd", "write_clustering", "write_extras"]
 
 
 def method_kwargs(method: str, params: list[str] | None, **named: Any) -> dict[str, Any]:
@@ -101,7 +101,7 @@ def segment_cmd(
                     image, prompt=None if owns_prompt else prompt, timestep=timestep, add_noise=noise, seed=seed,
                     size=in_size, store_path=out / f"{stem}.attention.safetensors" if save_store else None,
                 )
-                written = write_extras(output, out, stem, heatmaps=heatmaps, pca_rgb=pca_rgb)
+                written = write_extras(output, out, stem, heatmaps=heatmaps, pca_rgb=pca_rgb, method=seg)
                 entry = {"image": str(path), **{key: str(v) for key, v in written.items()},
                          "num_segments": output.result.num_segments}
                 summary.append(entry)
@@ -112,9 +112,40 @@ def segment_cmd(
             typer.echo(f"segmented {len(summary)} image(s) with {method} on {model}; results in {out}")
 
 
-def write_extras(output: Any, out: Path, stem: str, *, heatmaps: bool, pca_rgb: bool) -> dict[str, Path]:
-    """Write the result (labels, overlay, JSON), its heatmaps and the clustering figures; return the paths."""
-    from attnseg.io.export import overlay, save_heatmap
+def write_clustering(clustering: Any, image: Any, out: Path, stem: str, *, pca_rgb: bool) -> dict[str, Path]:
+    """One label PNG and overlay per k, the merged masks (one PNG each + JSON with their k), the PCA picture."""
+    import numpy as np
+    from PIL import Image
+
+    from attnseg.io.export import overlay
+
+    written: dict[str, Path] = {}
+    for kk, labels in clustering.label_maps.items():
+        arr = labels.cpu().numpy()
+        Image.fromarray(arr.astype(np.uint8)).save(out / f"{stem}.k{kk}.labels.png")
+        written[f"overlay:k{kk}"] = out / f"{stem}.k{kk}.overlay.png"
+        overlay(image, arr).save(written[f"overlay:k{kk}"])
+    mask_dir = out / f"{stem}.masks"
+    mask_dir.mkdir(exist_ok=True)
+    records = []
+    for i, (mask, kk, label) in enumerate(zip(clustering.masks, clustering.mask_k, clustering.mask_label, strict=True)):
+        path = mask_dir / f"mask{i:03d}-k{kk}.png"
+        Image.fromarray(mask.cpu().numpy().astype(np.uint8) * 255).save(path)
+        records.append({"file": path.name, "k": int(kk), "label": int(label), "area": int(mask.sum())})
+    (mask_dir / "masks.json").write_text(json.dumps({"masks": records, **clustering.summary()}, indent=2,
+                                                    default=str))
+    written["masks"] = mask_dir
+    if pca_rgb:
+        written["pca_rgb"] = out / f"{stem}.pca-rgb.png"
+        clustering.pca_rgb_image().save(written["pca_rgb"])
+    return written
+
+
+def write_extras(
+    output: Any, out: Path, stem: str, *, heatmaps: bool, pca_rgb: bool, method: Any = None
+) -> dict[str, Path]:
+    """Write the result (labels, overlay, JSON), its heatmaps and the clustering outputs; return the paths."""
+    from attnseg.io.export import save_heatmap
 
     result = output.result
     written = result.save(out, image=output.image, stem=stem)
@@ -126,17 +157,8 @@ def write_extras(output: Any, out: Path, stem: str, *, heatmaps: bool, pca_rgb: 
         for i, name in enumerate(names):
             safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in str(name))
             written[f"heatmap:{name}"] = save_heatmap(result.scores[i].numpy(), out / f"{stem}.heatmap.{i}-{safe}.png")
-    clustering = result.meta.get("clustering") if isinstance(result.meta, dict) else None
-    if clustering is not None and hasattr(clustering, "label_maps"):
-        for kk, labels in clustering.label_maps.items():
-            path = out / f"{stem}.k{kk}.overlay.png"
-            overlay(output.image, labels.numpy()).save(path)
-            written[f"overlay:k{kk}"] = path
-        if pca_rgb:
-            from PIL import Image
-
-            grid = (clustering.pca_rgb.clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
-            path = out / f"{stem}.pca-rgb.png"
-            Image.fromarray(grid).save(path)
-            written["pca_rgb"] = path
+    cluster = getattr(method, "cluster", None)
+    if cluster is not None:  # principal-component clustering: every k, the merged masks, the PCA picture
+        written.update(write_clustering(cluster(output.store, out_size=result.size), output.image, out, stem,
+                                        pca_rgb=pca_rgb))
     return written

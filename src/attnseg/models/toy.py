@@ -48,6 +48,8 @@ class ToyAdapter(DiffusionAdapter):
     recommended: ClassVar[dict[str, dict[str, Any]]] = {
         "diffseg": {"kl_thresholds": (0.3, 0.3, 0.3), "run": {"timestep": 200, "add_noise": True}},
         "goca": {"variant": "vanilla", "background_threshold": 0.5},
+        # trained without caption dropout: no unconditional branch, so no classifier-free guidance
+        "generate": {"guidance_scale": 1.0, "num_inference_steps": 100},
     }
 
     def __init__(

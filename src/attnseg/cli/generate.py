@@ -1,0 +1,62 @@
+"""``attnseg generate``: text-to-image with attention captured at the last step, and the image's masks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from attnseg.cli.common import handle_errors, quiet_libraries
+
+__all__ = ["generate_cmd"]
+
+
+def generate_cmd(
+    prompt: str = typer.Argument(..., help="The text prompt."),
+    out: Path = typer.Option(Path("out/generate"), "--out", "-o", help="Output folder."),
+    model: str = typer.Option("toyworld", "--model", "-m", help="Hub id, local diffusers folder, or 'toyworld'."),
+    method: str = typer.Option("clustering", "--method", help="Method applied to the generated image."),
+    param: list[str] = typer.Option(None, "--param", "-P", help="Method hyper-parameter NAME=VALUE (repeatable)."),
+    k: str | None = typer.Option(None, "--k", help="clustering: cluster counts, e.g. 2,5,10."),
+    steps: int | None = typer.Option(None, "--steps", help="Denoising steps (model default, else 50)."),
+    guidance: float | None = typer.Option(
+        None, "--guidance", help="Classifier-free guidance scale, 1 = none (model default, else 7.5)."
+    ),
+    size: int | None = typer.Option(None, "--size", help="Square image size in pixels (model default if unset)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the initial noise."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+    device: str = typer.Option("cpu", "--device", help="torch device."),
+    pca_rgb: bool = typer.Option(False, "--pca-rgb", help="clustering: write the per-head PCA RGB grid."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+) -> None:
+    """Generate an image from a prompt and segment it from the attention captured while generating it."""
+    quiet_libraries()
+    with handle_errors():
+        from attnseg.cli.segment import method_kwargs, write_clustering
+        from attnseg.generation import generate
+        from attnseg.methods.base import create_method
+        from attnseg.models.loading import load_model
+
+        ks = tuple(int(v) for v in k.split(",") if v.strip()) if k else None
+        seg = create_method(method, **method_kwargs(method, param, ks=ks))
+        adapter = load_model(model, dtype=dtype, device=device)
+        defaults = getattr(adapter, "recommended", {}).get("generate", {})
+        steps = steps if steps is not None else defaults.get("num_inference_steps", 50)
+        guidance = guidance if guidance is not None else defaults.get("guidance_scale", 7.5)
+        result = generate(
+            adapter, prompt, seg, num_inference_steps=steps, guidance_scale=guidance, seed=seed,
+            size=(size, size) if size else None,
+        )
+        out.mkdir(parents=True, exist_ok=True)
+        result.image.save(out / "image.png")
+        written = {"image": out / "image.png", **result.result.save(out, image=result.image, stem="image")}
+        if result.clustering is not None:
+            written.update(write_clustering(result.clustering, result.image, out, "image", pca_rgb=pca_rgb))
+        summary = {"prompt": prompt, "model": model, "method": method, "timesteps": list(result.timesteps),
+                   "files": {key: str(v) for key, v in written.items()}}
+        (out / "generate.json").write_text(json.dumps(summary, indent=2))
+        if as_json:
+            typer.echo(json.dumps(summary, indent=2))
+        else:
+            typer.echo(f"generated {out / 'image.png'} ({steps} steps) and its {method} masks in {out}")
