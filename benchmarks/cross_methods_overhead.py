@@ -25,12 +25,12 @@ import json
 import os
 import platform
 import statistics
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from capture_overhead import PeakSampler  # same folder: run as python benchmarks/<script>.py
 
 from attnseg.capture.store import AttentionStore
 from attnseg.capture.tracer import AttentionTracer
@@ -43,37 +43,6 @@ from attnseg.types import LayerInfo, Prompt
 
 RESULTS = Path(__file__).parent / "results"
 LATENT_SCALE = 8  # SD's VAE: the benchmark feeds latents directly
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class PeakSampler:
-    """Samples the resident set size every millisecond in a background thread."""
-
-    def __enter__(self) -> PeakSampler:
-        self.base = rss_bytes()
-        self.peak = self.base
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes())
-            time.sleep(0.001)
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_bytes())
-
-    @property
-    def delta(self) -> int:
-        return self.peak - self.base
 
 
 class UNetOnly:

@@ -444,20 +444,10 @@ class PCAHeadStore(AttentionStore):
     @classmethod
     def load(cls, path: str | Path, *, device: torch.device | str = "cpu") -> PCAHeadStore:
         """Read a store written by :meth:`save`."""
-        from safetensors import safe_open
+        from attnseg.capture.store import read_store_file
 
         path = Path(path)
-        if not path.is_file():
-            raise AttnSegError(f"attention store file not found: {path}")
-        try:
-            with safe_open(str(path), framework="pt", device=str(device)) as f:
-                header_text = (f.metadata() or {}).get("attnseg")
-                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
-        except Exception as exc:  # safetensors raises its own error types
-            raise AttnSegError(f"{path} is not a readable safetensors file: {exc}") from None
-        if header_text is None:
-            raise AttnSegError(f"{path} is a safetensors file but not an attnseg attention store")
-        header = json.loads(header_text)
+        header, tensors = read_store_file(path, device=device)
         if header.get("format") != _FORMAT:
             raise AttnSegError(
                 f"{path} holds a {header.get('format', 'attnseg.AttentionStore')}, not per-head principal "

@@ -26,7 +26,30 @@ from attnseg.types import LayerInfo
 
 __all__ = ["AttentionStore"]
 
+_FORMAT = "attnseg.AttentionStore"
 _FORMAT_VERSION = 1
+
+
+def read_store_file(
+    path: Path, *, device: torch.device | str = "cpu"
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The JSON header and the tensors of a saved store (any store class), with clear errors."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise AttnSegError(f"attention store file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            header_text = (f.metadata() or {}).get("attnseg")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
+    except Exception as exc:  # safetensors raises its own error types
+        raise AttnSegError(f"{path} is not a readable safetensors file: {exc}") from None
+    if header_text is None:
+        raise AttnSegError(f"{path} is a safetensors file but not an attnseg attention store")
+    header = json.loads(header_text)
+    if header.get("version", 0) > _FORMAT_VERSION:
+        raise AttnSegError(f"{path} was written by a newer attnseg (format {header['version']})")
+    return header, tensors
 
 
 @dataclass
@@ -240,7 +263,7 @@ class AttentionStore:
         tensors = {key: e.sum.contiguous() for key, e in self._entries.items() if e.sum is not None}
         tensors.update({f"feature:{name}": v.contiguous() for name, v in self.features.items()})
         header = {
-            "format": "attnseg.AttentionStore",
+            "format": _FORMAT,
             "version": _FORMAT_VERSION,
             "heads": self.heads,
             "group": self.group,
@@ -259,22 +282,8 @@ class AttentionStore:
     @classmethod
     def load(cls, path: str | Path, *, device: torch.device | str = "cpu") -> AttentionStore:
         """Read a store written by :meth:`save`."""
-        from safetensors import safe_open
-
         path = Path(path)
-        if not path.is_file():
-            raise AttnSegError(f"attention store file not found: {path}")
-        try:
-            with safe_open(str(path), framework="pt", device=str(device)) as f:
-                header_text = (f.metadata() or {}).get("attnseg")
-                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
-        except Exception as exc:  # safetensors raises its own error types
-            raise AttnSegError(f"{path} is not a readable safetensors file: {exc}") from None
-        if header_text is None:
-            raise AttnSegError(f"{path} is a safetensors file but not an attnseg attention store")
-        header = json.loads(header_text)
-        if header.get("version", 0) > _FORMAT_VERSION:
-            raise AttnSegError(f"{path} was written by a newer attnseg (format {header['version']})")
+        header, tensors = read_store_file(path, device=device)
         store = cls(
             heads=header["heads"],
             group=header["group"],
