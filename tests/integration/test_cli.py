@@ -135,3 +135,11 @@ def test_generate_with_clustering(tmp_path):
     assert len(summary["timesteps"]) == 4
     assert Image.open(tmp_path / "image.png").size == (32, 32)
     assert (tmp_path / "image.k3.overlay.png").is_file() and (tmp_path / "image.masks" / "masks.json").is_file()
+
+
+def test_segment_with_img2img_reading(tiny_sd_dir, rgb_image, tmp_path):
+    res = _run("segment", rgb_image, "--model", tiny_sd_dir, "--out", tmp_path, "--method", "clustering",
+               "--k", "2", "--img2img")
+    assert res.exit_code == 0, res.output
+    info = json.loads((tmp_path / "two-halves.json").read_text())
+    assert info["meta"]["timesteps"] == [26, 1]  # 40 leading DDIM steps, strength 0.05: two steps, offset 1

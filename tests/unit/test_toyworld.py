@@ -188,3 +188,17 @@ def test_toy_config_round_trips_and_validates() -> None:
         default_toy_config(attention_levels=0)
     with pytest.raises(ValueError, match="image_size"):
         default_toy_config(image_size=32, world=replace(WORLD, image_size=16))
+
+
+def test_written_dataset_reads_as_toyworld(tmp_path) -> None:
+    from attnseg.errors import DatasetError
+    from attnseg.eval.datasets import create_dataset
+
+    write_dataset(tmp_path / "toy", "test", 3)
+    ds = create_dataset("toyworld", tmp_path / "toy", split="test")
+    assert len(ds) == 3 and tuple(ds.class_names) == ("background", "circle", "square", "triangle")
+    sample = ds[0]
+    scene = generate_scene(scene_seed("test", 0))
+    assert np.array_equal(sample.label, scene.semantic)
+    with pytest.raises(DatasetError, match="attnseg toyworld generate"):
+        create_dataset("toyworld", tmp_path / "missing")

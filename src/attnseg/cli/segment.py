@@ -54,6 +54,9 @@ def segment_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed for every random draw."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
     device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda."),
+    img2img: bool = typer.Option(
+        False, "--img2img", help="Light img2img noising (a few steps, capture at the last) instead of one pass."
+    ),
     heatmaps: bool = typer.Option(False, "--heatmaps", help="Also write each continuous score map as a PNG."),
     pca_rgb: bool = typer.Option(False, "--pca-rgb", help="clustering: write the per-head PCA RGB grid."),
     save_store: bool = typer.Option(False, "--save-store", help="Also save the captured attention (safetensors)."),
@@ -97,10 +100,15 @@ def segment_cmd(
             for path, image in zip(paths, images_in, strict=True):
                 stem = path.stem if path.stem not in stems else f"{path.stem}-{stems[path.stem]}"
                 stems[path.stem] = stems.get(path.stem, 0) + 1
-                output = pipe.run(
-                    image, prompt=None if owns_prompt else prompt, timestep=timestep, add_noise=noise, seed=seed,
-                    size=in_size, store_path=out / f"{stem}.attention.safetensors" if save_store else None,
-                )
+                store_path = out / f"{stem}.attention.safetensors" if save_store else None
+                if img2img:
+                    output = _img2img(pipe, image, prompt=None if owns_prompt else prompt, seed=seed, size=in_size,
+                                      store_path=store_path)
+                else:
+                    output = pipe.run(
+                        image, prompt=None if owns_prompt else prompt, timestep=timestep, add_noise=noise,
+                        seed=seed, size=in_size, store_path=store_path,
+                    )
                 written = write_extras(output, out, stem, heatmaps=heatmaps, pca_rgb=pca_rgb, method=seg)
                 entry = {"image": str(path), **{key: str(v) for key, v in written.items()},
                          "num_segments": output.result.num_segments}
@@ -110,6 +118,19 @@ def segment_cmd(
             typer.echo(json.dumps({"model": model, "method": method, "images": summary}, indent=2))
         else:
             typer.echo(f"segmented {len(summary)} image(s) with {method} on {model}; results in {out}")
+
+
+def _img2img(pipe: Any, image: Any, *, prompt: str | None, seed: int, size: Any, store_path: Path | None) -> Any:
+    """The paper-style real-image reading: light img2img (the method's strength and steps), then segment."""
+    from attnseg.generation import img2img_capture
+    from attnseg.pipeline import PipelineOutput
+
+    cap = img2img_capture(pipe.adapter, image, pipe.method, seed=seed, size=size, prompt=prompt)
+    if store_path is not None:
+        cap.store.save(store_path)
+    encoded = pipe.adapter.encode_prompt(cap.store.meta.get("prompt", "") or "")
+    result = pipe.method.segment(cap.store, prompt=encoded, out_size=(cap.image.size[1], cap.image.size[0]))
+    return PipelineOutput(result=result, image=cap.image, store=cap.store)
 
 
 def write_clustering(clustering: Any, image: Any, out: Path, stem: str, *, pca_rgb: bool) -> dict[str, Path]:

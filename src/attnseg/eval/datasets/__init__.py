@@ -23,6 +23,7 @@ from attnseg.eval.datasets.coco_stuff import CocoStuff27
 from attnseg.eval.datasets.figaro import Figaro1k
 from attnseg.eval.datasets.generic import GenericDataset
 from attnseg.eval.datasets.pascal_context import PascalContext59, PascalContext60
+from attnseg.eval.datasets.toyworld import ToyWorldDataset
 from attnseg.eval.datasets.voc import VOC2012
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "PascalContext60",
     "Sample",
     "SegmentationDataset",
+    "ToyWorldDataset",
     "create_dataset",
     "list_datasets",
 ]
