@@ -2,10 +2,11 @@
 
 Protocol (stated in the results file too):
 - scenes: the toy world's val split chooses hyper-parameters, the test split reports them;
-- DiffSeg: one denoiser pass (noise at timestep t, seeded per scene, the scene's caption as prompt),
+- DiffSeg: one denoiser pass (the 32x32 scene at the model input size s, bilinear; noise at timestep t,
+  seeded per scene; the scene's caption as prompt),
   DiffSeg on the self-attention, segments matched to the 4 classes (background + 3 shapes) by
   per-image Hungarian matching; mIoU = nanmean over classes of TP/(TP+FP+FN) summed over the split;
-- cross-attention per-token segmentation: the same pass; each object's map is the mean over the
+- cross-attention per-token segmentation: the same kind of pass; each object's map is the mean over the
   resolutions of its shape token's cross-attention (bilinear to the image, min-max per object);
   a pixel goes to the object with the highest map, or to background when that map is below a
   threshold; the object's shape is the pixel's class; mIoU over the 4 classes (no matching);
@@ -47,12 +48,12 @@ class Captured:
     token_index: list[int]  # per object: its shape token
 
 
-def capture(adapter: ToyAdapter, split: str, n: int, timestep: int) -> list[Captured]:
+def capture(adapter: ToyAdapter, split: str, n: int, timestep: int, size: int) -> list[Captured]:
     out = []
-    layers = adapter.attention_layers()
+    layers = adapter.attention_layers((size, size))
     for i in range(n):
         scene = generate_scene(scene_seed(split, i))
-        pixels = adapter.preprocess(_pil(scene.image))
+        pixels = adapter.preprocess(_pil(scene.image), (size, size))
         g = torch.Generator().manual_seed(scene.seed)
         latents = adapter.add_noise(adapter.encode_image(pixels), timestep, generator=g) if timestep else pixels
         prompt = adapter.encode_prompt(scene.caption)
@@ -129,6 +130,7 @@ def main() -> None:
     parser.add_argument("--n-val", type=int, default=100)
     parser.add_argument("--n-test", type=int, default=200)
     parser.add_argument("--timesteps", default="50,100,200,300,400")
+    parser.add_argument("--sizes", default="32,64", help="model input sizes (scenes are upsampled bilinearly)")
     parser.add_argument("--kl", default="0.3,0.5,0.7,0.9,1.1,1.3")
     parser.add_argument("--bg", default="0.2,0.3,0.4,0.5,0.6,0.7")
     parser.add_argument("--threads", type=int, default=1)
@@ -136,6 +138,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     timesteps = [int(t) for t in args.timesteps.split(",")]
+    sizes = [int(v) for v in args.sizes.split(",")]
     kls = [float(v) for v in args.kl.split(",")]
     bgs = [float(v) for v in args.bg.split(",")]
     start = time.perf_counter()
@@ -145,24 +148,25 @@ def main() -> None:
 
     # choose on val
     val_ds, val_cross = {}, {}
-    for t in timesteps:
-        items = capture(trained, "val", args.n_val, t)
-        for kl in kls:
-            val_ds[(t, kl)] = diffseg_miou(items, kl)[0]
-        for bg in bgs:
-            val_cross[(t, bg)] = cross_miou(items, bg)[0]
+    for size in sizes:
+        for t in timesteps:
+            items = capture(trained, "val", args.n_val, t, size)
+            for kl in kls:
+                val_ds[(size, t, kl)] = diffseg_miou(items, kl)[0]
+            for bg in bgs:
+                val_cross[(size, t, bg)] = cross_miou(items, bg)[0]
     best_ds = max(val_ds, key=val_ds.get)
     best_cross = max(val_cross, key=val_cross.get)
 
     # report on test
     results: dict[str, dict[str, float]] = {}
     for name, adapter in (("trained", trained), ("random-weights", random_model)):
-        items = capture(adapter, "test", args.n_test, best_ds[0])
-        m, a = diffseg_miou(items, best_ds[1])
+        items = capture(adapter, "test", args.n_test, best_ds[1], best_ds[0])
+        m, a = diffseg_miou(items, best_ds[2])
         results[f"diffseg/{name}"] = {"miou": m, "pixel_accuracy": a}
-        if best_cross[0] != best_ds[0]:
-            items = capture(adapter, "test", args.n_test, best_cross[0])
-        m, a = cross_miou(items, best_cross[1])
+        if best_cross[:2] != best_ds[:2]:
+            items = capture(adapter, "test", args.n_test, best_cross[1], best_cross[0])
+        m, a = cross_miou(items, best_cross[2])
         results[f"cross-attention/{name}"] = {"miou": m, "pixel_accuracy": a}
         if name == "trained":
             results.update(baselines(items, seed=0))
@@ -177,13 +181,14 @@ def main() -> None:
         "model": {k: trained.model.meta.get(k) for k in ("steps", "batch_size", "final_loss", "sha256")},
         "splits": {"val": args.n_val, "test": args.n_test},
         "chosen_on_val": {
-            "diffseg": {"timestep": best_ds[0], "kl_threshold": best_ds[1], "val_miou": round(val_ds[best_ds], 4)},
-            "cross_attention": {"timestep": best_cross[0], "background_threshold": best_cross[1],
-                                "val_miou": round(val_cross[best_cross], 4)},
+            "diffseg": {"input_size": best_ds[0], "timestep": best_ds[1], "kl_threshold": best_ds[2],
+                        "val_miou": round(val_ds[best_ds], 4)},
+            "cross_attention": {"input_size": best_cross[0], "timestep": best_cross[1],
+                                "background_threshold": best_cross[2], "val_miou": round(val_cross[best_cross], 4)},
         },
         "val_grid": {
-            "diffseg": {f"t={t},kl={kl}": round(v, 4) for (t, kl), v in val_ds.items()},
-            "cross_attention": {f"t={t},bg={bg}": round(v, 4) for (t, bg), v in val_cross.items()},
+            "diffseg": {f"size={z},t={t},kl={kl}": round(v, 4) for (z, t, kl), v in val_ds.items()},
+            "cross_attention": {f"size={z},t={t},bg={bg}": round(v, 4) for (z, t, bg), v in val_cross.items()},
         },
         "test": {k: {m: round(x, 4) for m, x in v.items()} for k, v in results.items()},
         "margin_over_best_baseline_miou": margins,
