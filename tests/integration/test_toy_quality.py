@@ -45,7 +45,7 @@ def _diffseg_miou(adapter: ToyAdapter) -> float:
     for i in range(SCENES):
         scene = generate_scene(scene_seed("test", i))
         result = pipe.run(Image.fromarray(scene.image), prompt=scene.caption, seed=i, **run).result
-        acc.update(result.labels.numpy(), scene.semantic)
+        acc.update(result.resize(scene.semantic.shape).labels.numpy(), scene.semantic)
     return acc.result().miou
 
 
@@ -55,10 +55,10 @@ def _goca_miou(adapter: ToyAdapter) -> float:
     for i in range(SCENES):
         scene = generate_scene(scene_seed("test", i))
         shapes = sorted({o.shape for o in scene.objects})
-        pipe = AttentionSegmentationPipeline(
-            adapter, "goca", classes=shapes, prompt=scene.caption, **ToyAdapter.recommended["goca"]
-        )
-        result = pipe.run(Image.fromarray(scene.image), seed=i).result
+        params = dict(ToyAdapter.recommended["goca"])
+        run = params.pop("run")
+        pipe = AttentionSegmentationPipeline(adapter, "goca", classes=shapes, prompt=scene.caption, **params)
+        result = pipe.run(Image.fromarray(scene.image), seed=i, **run).result.resize(scene.semantic.shape)
         lut = np.array([classes.index(n) for n in result.label_names])
         cm.update(lut[result.labels.numpy()], scene.semantic)
     return cm.miou()

@@ -36,8 +36,9 @@ def _goca_semantic(adapter: Any, scene: Any, image: Image.Image, seed: int, clas
 
     shapes = sorted({o.shape for o in scene.objects})
     params = dict(getattr(adapter, "recommended", {}).get("goca", {}))
+    run = params.pop("run", {})
     pipe = AttentionSegmentationPipeline(adapter, "goca", classes=shapes, prompt=scene.caption, **params)
-    result = pipe.run(image, seed=seed).result.resize(scene.semantic.shape)
+    result = pipe.run(image, seed=seed, **run).result.resize(scene.semantic.shape)
     lut = np.array([classes.index(n) for n in result.label_names])
     pred = lut[result.labels.numpy()]
     confusion.update(pred, scene.semantic)
@@ -79,10 +80,9 @@ def run_demo(out: Path, *, seed: int = 0, num_scenes: int = 4) -> dict[str, Any]
     for i in range(num_scenes):
         scene = generate_scene(scene_seed("test", i))
         image = Image.fromarray(scene.image)
-        size = (scene.image.shape[0], scene.image.shape[1]) if trained else None
         # the toy world's captions play the role of DiffSeg's demo captions (BLIP in the reference notebook)
         prompt = scene.caption if trained else None
-        output = pipe.run(image, seed=seed, size=size, prompt=prompt, **run_kwargs)
+        output = pipe.run(image, seed=seed, prompt=prompt, **run_kwargs)
         pred = output.result.resize(scene.semantic.shape).labels.numpy()
         mapping = scores.update(pred, scene.semantic)
         lut = np.zeros(int(pred.max()) + 1, dtype=np.int64)  # unmatched segments shown as background
