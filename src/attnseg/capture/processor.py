@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 __all__ = ["AttentionSink", "CaptureProcessor"]
 
 _PLAIN_PROCESSORS = {"AttnProcessor", "AttnProcessor2_0"}
+_CPU_BLOCK = 4 * 2**20
+_DEVICE_BLOCK = 256 * 2**20
 
 
 class AttentionSink(Protocol):
@@ -51,7 +53,9 @@ class CaptureProcessor:
         sink: where probability chunks ``(B, h, Q, K)`` float32 go.
         mode: ``"reuse"`` or ``"beside"`` (see the module docstring).
         chunk_bytes: upper bound on one block of float32 probabilities (at least one head and 16
-            query rows at a time); small blocks stay in cache.
+            query rows at a time). None: 4 MiB on the CPU, where blocks that stay in cache are several times
+            faster than large ones (measured on a 1 MiB-L2 x86 core), and 256 MiB on accelerators, where
+            fewer, larger kernels are faster.
         want_outputs: also pass each chunk's per-head outputs ``probs @ v`` ``(B, h, Q, d)`` to the sink.
     """
 
@@ -62,7 +66,7 @@ class CaptureProcessor:
         sink: AttentionSink,
         *,
         mode: Literal["reuse", "beside"] = "reuse",
-        chunk_bytes: int = 16 * 2**20,
+        chunk_bytes: int | None = None,
         want_outputs: bool = False,
     ) -> None:
         self.original = original
@@ -176,10 +180,11 @@ class CaptureProcessor:
         scale = attn.scale if self._use_module_scale else 1.0 / math.sqrt(d)
         upcast = bool(getattr(attn, "upcast_attention", False))
         row_bytes = b * nk * 4  # one query row of one head, float32
+        chunk_bytes = self.chunk_bytes or (_CPU_BLOCK if q.device.type == "cpu" else _DEVICE_BLOCK)
         split_queries = self._split_queries
         min_rows = min(nq, 16) if split_queries else nq
-        head_step = max(1, min(h, self.chunk_bytes // max(row_bytes * min_rows, 1)))
-        q_step = max(min_rows, self.chunk_bytes // max(row_bytes * head_step, 1)) if split_queries else nq
+        head_step = max(1, min(h, chunk_bytes // max(row_bytes * min_rows, 1)))
+        q_step = max(min_rows, chunk_bytes // max(row_bytes * head_step, 1)) if split_queries else nq
         q = q * scale  # scaling q (N x d) is cheaper than scaling the N x N scores
         out = torch.empty_like(v[..., :1, :].expand(b, h, nq, d)) if compute_output else None
         for h0 in range(0, h, head_step):

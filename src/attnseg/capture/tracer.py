@@ -58,7 +58,7 @@ class AttentionTracer:
         layers: layer descriptions; by default ``adapter.attention_layers(size)``.
         size: pixel size of the input the layers are prepared for (adapter only).
         mode: ``"reuse"`` (one attention computation) or ``"beside"`` (bit-identical outputs).
-        chunk_bytes: bound on one chunk of probabilities.
+        chunk_bytes: bound on one block of probabilities (None: the processor's per-device default).
         want_outputs: pass per-head outputs to the store (default: the store's ``wants_outputs``).
         features: names of modules whose outputs go to ``store.add_feature`` (e.g. a reference
             feature such as a layer's ``to_q``); forward hooks, removed on exit.
@@ -78,7 +78,7 @@ class AttentionTracer:
         layers: dict[str, LayerInfo] | None = None,
         size: tuple[int, int] | None = None,
         mode: Literal["reuse", "beside"] = "reuse",
-        chunk_bytes: int = 16 * 2**20,
+        chunk_bytes: int | None = None,
         want_outputs: bool | None = None,
         features: Iterable[str] = (),
     ) -> None:
