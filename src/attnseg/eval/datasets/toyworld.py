@@ -24,9 +24,9 @@ class ToyWorldDataset(GenericDataset):
 
     def __init__(self, root: Path, split: str | None = None, **kwargs: object) -> None:
         root = Path(root)
+        hint = f"write one with `attnseg toyworld generate --out {root} --split test --n 200`"
+        if not root.exists():
+            raise DatasetError(f"toyworld: dataset root {root} does not exist; {hint}")
         if not (root / "images").is_dir():
-            raise DatasetError(
-                f"toyworld: expected a folder of scenes at {root} (with images/ and labels/); write one with "
-                f"`attnseg toyworld generate --out {root} --split test --n 200`"
-            )
+            raise DatasetError(f"toyworld: expected a folder of scenes at {root} (with images/ and labels/); {hint}")
         super().__init__(root, None if split in (None, "all", "test", "val", "train") else split, **kwargs)
