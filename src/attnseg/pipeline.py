@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from attnseg.models.base import DiffusionAdapter
-    from attnseg.types import SegmentationResult
+    from attnseg.types import Prompt, SegmentationResult
 
 __all__ = ["AttentionSegmentationPipeline", "PipelineOutput"]
 
@@ -83,8 +83,16 @@ class AttentionSegmentationPipeline:
         """The method's run options with non-None ``overrides`` applied."""
         return replace(self.method.run_options(), **{k: v for k, v in overrides.items() if v is not None})
 
+    def capture(self, image: Any, **kwargs: Any) -> tuple[AttentionStore, Image.Image]:
+        """One denoiser pass over ``image`` with the method's layers captured (keywords as :meth:`run`).
+
+        Returns the store and the image as the model saw it.
+        """
+        store, shown, _ = self._capture(image, **kwargs)
+        return store, shown
+
     @torch.no_grad()
-    def capture(
+    def _capture(
         self,
         image: Any,
         *,
@@ -94,11 +102,7 @@ class AttentionSegmentationPipeline:
         seed: int | None = 0,
         generator: torch.Generator | None = None,
         size: tuple[int, int] | None = None,
-    ) -> tuple[AttentionStore, Image.Image]:
-        """One denoiser pass over ``image`` with the method's layers captured.
-
-        Returns the store and the image as the model saw it.
-        """
+    ) -> tuple[AttentionStore, Image.Image, Prompt]:
         opts = self.options(prompt=prompt, timestep=timestep, add_noise=add_noise)
         adapter = self.adapter
         size = size or adapter.resolution
@@ -131,8 +135,7 @@ class AttentionSegmentationPipeline:
         ):
             adapter.denoise(latents, opts.timestep, encoded)
         store.meta["denoise_seconds"] = round(time.perf_counter() - start, 4)
-        self._last_prompt = encoded
-        return store, _to_pil(pixels)
+        return store, _to_pil(pixels), encoded
 
     def segment_store(self, store: AttentionStore, *, prompt: str | None = None) -> SegmentationResult:
         """Run the method on a (possibly loaded) store; the prompt is re-encoded for token lookup."""
@@ -142,12 +145,20 @@ class AttentionSegmentationPipeline:
         return self.method.segment(store, prompt=encoded, out_size=size)  # type: ignore[arg-type]
 
     def run(self, image: Any, *, store_path: str | Path | None = None, **kwargs: Any) -> PipelineOutput:
-        """Capture, then segment. ``kwargs`` go to :meth:`capture`; ``store_path`` saves the store."""
-        store, shown = self.capture(image, **kwargs)
+        """Capture, then segment.
+
+        Args:
+            image: a path, PIL image, array or tensor (see :func:`attnseg.io.images.load_image`).
+            store_path: also save the captured attention there.
+            prompt, timestep, add_noise: override the method's run options.
+            seed, generator: every random draw (posterior sample, noise).
+            size: ``(H, W)`` model input size (default: the adapter's resolution).
+        """
+        store, shown, encoded = self._capture(image, **kwargs)
         if store_path is not None:
             store.save(store_path)
         start = time.perf_counter()
-        result = self.method.segment(store, prompt=self._last_prompt, out_size=(shown.size[1], shown.size[0]))
+        result = self.method.segment(store, prompt=encoded, out_size=(shown.size[1], shown.size[0]))
         meta = {**result.meta, "segment_seconds": round(time.perf_counter() - start, 4),
                 "denoise_seconds": store.meta.get("denoise_seconds")}
         return PipelineOutput(result=replace(result, meta=meta), image=shown, store=store)
