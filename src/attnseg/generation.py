@@ -23,6 +23,7 @@ import torch
 from attnseg.capture.store import AttentionStore
 from attnseg.capture.tracer import AttentionTracer
 from attnseg.errors import ConfigError, UnsupportedModelError
+from attnseg.io.images import tensor_to_pil
 from attnseg.methods.base import Segmenter, create_method
 
 if TYPE_CHECKING:
@@ -121,13 +122,6 @@ def _generator(seed: int | None, generator: torch.Generator | None) -> torch.Gen
     if generator is None and seed is not None:
         generator = torch.Generator(device="cpu").manual_seed(seed)
     return generator
-
-
-def _to_pil(pixels: torch.Tensor) -> Image.Image:
-    from PIL import Image as PILImage
-
-    arr = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5 + 0.5).byte().permute(1, 2, 0).cpu().numpy()
-    return PILImage.fromarray(arr)
 
 
 def _decode(adapter: DiffusionAdapter, latents: torch.Tensor) -> torch.Tensor:
@@ -233,7 +227,7 @@ def img2img_capture(
         eps = adapter.denoise(latents, int(t), encoded)
         latents = _step(sched, eps, t, latents, generator)
     store.meta["denoise_seconds"] = round(time.perf_counter() - start, 4)
-    return CaptureOutput(store=store, image=_to_pil(pixels), timesteps=ts)
+    return CaptureOutput(store=store, image=tensor_to_pil(pixels), timesteps=ts)
 
 
 def _stack_prompts(uncond: Prompt, cond: Prompt) -> Prompt:
@@ -363,7 +357,7 @@ def generate(
             eps = eps_u + guidance_scale * (eps_c - eps_u)
         latents = _step(sched, eps, t, latents, generator)
     store.meta["denoise_seconds"] = round(time.perf_counter() - start, 4)
-    image = _to_pil(_decode(adapter, latents))
+    image = tensor_to_pil(_decode(adapter, latents))
 
     clustering = None
     cluster = getattr(method, "cluster", None)

@@ -12,7 +12,7 @@ import torch
 from attnseg.capture.store import AttentionStore
 from attnseg.capture.tracer import AttentionTracer
 from attnseg.errors import ConfigError
-from attnseg.io.images import load_image
+from attnseg.io.images import load_image, tensor_to_pil
 from attnseg.methods.base import RunOptions, Segmenter, create_method
 
 if TYPE_CHECKING:
@@ -135,7 +135,7 @@ class AttentionSegmentationPipeline:
         ):
             adapter.denoise(latents, opts.timestep, encoded)
         store.meta["denoise_seconds"] = round(time.perf_counter() - start, 4)
-        return store, _to_pil(pixels), encoded
+        return store, tensor_to_pil(pixels), encoded
 
     def segment_store(self, store: AttentionStore, *, prompt: str | None = None) -> SegmentationResult:
         """Run the method on a (possibly loaded) store; the prompt is re-encoded for token lookup."""
@@ -166,9 +166,3 @@ class AttentionSegmentationPipeline:
     def __call__(self, image: Any, **kwargs: Any) -> SegmentationResult:
         return self.run(image, **kwargs).result
 
-
-def _to_pil(pixels: torch.Tensor) -> Image.Image:
-    from PIL import Image
-
-    arr = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5 + 0.5).byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(arr)

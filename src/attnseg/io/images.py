@@ -14,7 +14,15 @@ from attnseg.errors import ImageError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["IMAGE_SUFFIXES", "expand_image_paths", "load_image", "pil_to_tensor", "resize_image", "to_rgb"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "expand_image_paths",
+    "load_image",
+    "pil_to_tensor",
+    "resize_image",
+    "tensor_to_pil",
+    "to_rgb",
+]
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"})
 
@@ -137,3 +145,9 @@ def resize_image(image: Image.Image, size: tuple[int, int], mode: Literal["cente
     elif mode != "resize":
         raise ImageError(f"crop must be 'center-crop' or 'resize', got {mode!r}")
     return image.resize((w, h), Image.Resampling.BILINEAR)
+
+
+def tensor_to_pil(pixels: torch.Tensor) -> Image.Image:
+    """First image of ``(B, 3, H, W)`` float in [-1, 1] -> RGB PIL image (the inverse of :func:`pil_to_tensor`)."""
+    arr = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5 + 0.5).byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(arr)
