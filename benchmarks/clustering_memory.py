@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--readings", default="outputs,probs", help="comma-separated: outputs, probs")
     parser.add_argument("--n-components", type=int, default=3)
-    parser.add_argument("--chunk-mb", type=int, default=256, help="capture chunk bound (the processor's default)")
+    parser.add_argument("--chunk-mb", type=int, default=None, help="capture block bound (default: the processor's)")
     parser.add_argument("--out", type=Path, default=RESULTS / "clustering_memory.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -67,13 +67,14 @@ def main() -> None:
     method = PCAClustering(n_components=args.n_components)
     selected = {n: layers[n] for n in method.select_layers(layers)}
     stores: dict[str, PCAHeadStore] = {}
+    chunk_bytes = None if args.chunk_mb is None else args.chunk_mb * 2**20
 
     def plain() -> torch.Tensor:
         return unet(x, t, encoder_hidden_states=ctx).sample
 
     def captured(reading: str) -> torch.Tensor:
         store = PCAHeadStore(n_components=args.n_components, reading=reading)  # type: ignore[arg-type]
-        with AttentionTracer(unet, store, layers=selected, chunk_bytes=args.chunk_mb * 2**20):
+        with AttentionTracer(unet, store, layers=selected, chunk_bytes=chunk_bytes):
             out = unet(x, t, encoder_hidden_states=ctx).sample
         stores[reading] = store
         return out
@@ -134,7 +135,9 @@ def main() -> None:
         "captured": f"{len(selected)} up-block self-attention layers, {heads} heads, grids "
         f"{sorted({i.grid[0] for i in selected.values()})}",
         "n_components": args.n_components,
-        "chunk_mb": args.chunk_mb,
+        "chunk_mb": args.chunk_mb if args.chunk_mb is not None else "processor default",
+        "note": "outputs reading: the processor sends cache-sized blocks of query rows, gathered per head block; "
+        "probs reading: whole heads (a head's N x N map is reduced at once)",
         "dtype": "float32",
         "threads": args.threads,
         "repeats": args.repeats,

@@ -182,6 +182,29 @@ def test_store_probs_reading_and_missing_outputs():
         PCAHeadStore(n_components=7, reading="outputs").add(layer, probs, out=torch.randn(1, 2, n, layer.head_dim))
 
 
+def test_store_gathers_query_blocks_for_outputs_and_takes_whole_heads_for_probs():
+    import inspect
+
+    layer = _layer()
+    n = layer.num_tokens
+    g = torch.Generator().manual_seed(0)
+    out = torch.randn(1, 2, n, layer.head_dim, generator=g)
+    probs = torch.full((1, 2, n, n), 1.0 / n)
+    store = PCAHeadStore(n_components=3)
+    assert "queries" in inspect.signature(store.add_chunk).parameters  # the processor may split query rows
+    for rows in (slice(8, 16), slice(0, 8)):  # any order
+        store.add_chunk(layer, probs[:, :, rows], slice(0, 2), out[:, :, rows], queries=rows)
+    store.end_call(layer)
+    assert not store._rows
+    for h in range(2):
+        torch.testing.assert_close(store.components(layer.name)[h].reshape(3, n), head_pca(out[0, h], 3).components)
+    store.add_chunk(layer, probs[:, :, :8], slice(0, 2), out[:, :, :8], queries=slice(0, 8))
+    with pytest.raises(AttnSegError, match="query rows missing"):
+        store.end_call(layer)
+    # the probabilities of a head are reduced at once: this store asks for whole heads
+    assert "queries" not in inspect.signature(PCAHeadStore(reading="probs").add_chunk).parameters
+
+
 @pytest.mark.parametrize(("step", "expected_call"), [("last", 2), (0, 0), (1, 1)])
 def test_store_keeps_the_chosen_call(step, expected_call):
     layer = _layer()

@@ -243,6 +243,12 @@ class PCAHeadStore(AttentionStore):
         self._captured_call: dict[str, int] = {}
         self._calls: dict[str, int] = {}  # completed calls per layer
         self._pending: dict[str, _Pending] = {}
+        self._rows: dict[tuple[str, int, int], tuple[torch.Tensor, list[int]]] = {}  # head blocks being gathered
+        if reading == "probs":
+            # A head's (N, N) probabilities are reduced at once, and a block of query rows may span all heads of a
+            # layer: gathering rows would hold every head's map. The processor sends whole heads to sinks whose
+            # add_chunk takes no `queries`, so this instance exposes one without it.
+            self.add_chunk = self._add_whole_heads  # type: ignore[method-assign]
 
     # -- write side --------------------------------------------------------------------------------------------------
     def key(self, layer: LayerInfo) -> str:
@@ -252,13 +258,26 @@ class PCAHeadStore(AttentionStore):
     def _wanted(self, call: int) -> bool:
         return self.step == "last" or call == self.step
 
-    def add_chunk(self, layer: LayerInfo, probs: torch.Tensor, heads: slice, out: torch.Tensor | None = None) -> None:
-        """Reduce heads ``heads`` of the current call of ``layer`` by PCA.
+    def add_chunk(
+        self,
+        layer: LayerInfo,
+        probs: torch.Tensor,
+        heads: slice,
+        out: torch.Tensor | None = None,
+        queries: slice | None = None,
+    ) -> None:
+        """Reduce heads ``heads`` of the current call of ``layer`` by PCA once all their query rows are in.
+
+        With ``reading="outputs"`` the processor sends blocks of query rows (cache-sized blocks are faster on
+        the CPU); their ``(q, d)`` output rows are gathered per head block, ``(B, h, N, d)``, and reduced when
+        the block is complete. With ``reading="probs"`` the processor sends whole heads (see ``__init__``),
+        as a head's ``(N, N)`` probabilities are needed at once.
 
         Args:
-            probs: ``(B, h, Q, K)`` float32 probabilities (read with ``reading="probs"``).
+            probs: ``(B, h, q, K)`` float32 probabilities (read with ``reading="probs"``).
             heads: which of the layer's heads these are.
-            out: ``(B, h, Q, d)`` per-head outputs ``probs @ v`` (read with ``reading="outputs"``).
+            out: ``(B, h, q, d)`` per-head outputs ``probs @ v`` (read with ``reading="outputs"``).
+            queries: which query rows these are (None: all N).
         """
         call = self._calls.get(layer.name, 0)
         if not self._wanted(call):
@@ -273,7 +292,8 @@ class PCAHeadStore(AttentionStore):
             data = data[self.batch]
         if data.ndim != 4:
             raise AttnSegError(f"attention data of {layer.name} must be (B, h, Q, F), got {tuple(data.shape)}")
-        b, h, n, f = (int(s) for s in data.shape)
+        b, h, q, f = (int(s) for s in data.shape)
+        n = layer.num_tokens
         if b == 0:
             raise AttnSegError(f"the store's batch slice {self.batch} selects no item of {layer.name}'s batch")
         start = heads.start or 0
@@ -285,6 +305,26 @@ class PCAHeadStore(AttentionStore):
                 f"n_components={k} exceeds min(N, F) = {min(n, f)} for {layer.name} ({self.reading} reading, "
                 f"{n} tokens x {f} features); lower n_components"
             )
+        rows = slice(*(slice(None) if queries is None else queries).indices(n))
+        if rows.stop - rows.start != q or rows.step != 1:
+            raise AttnSegError(f"{layer.name}: query rows {queries} do not match the {q} rows received")
+        if q == n:
+            self._reduce(layer, data, start)
+            return
+        key = (layer.name, start, start + h)
+        block = self._rows.get(key)
+        if block is None:
+            block = self._rows[key] = (torch.empty(b, h, n, f, dtype=data.dtype, device=data.device), [0])
+        block[0][:, :, rows] = data
+        block[1][0] += q
+        if block[1][0] >= n:
+            del self._rows[key]
+            self._reduce(layer, block[0], start)
+
+    def _reduce(self, layer: LayerInfo, data: torch.Tensor, start: int) -> None:
+        """PCA of complete heads ``data (B, h, N, F)``, heads ``start..start+h`` of ``layer``."""
+        b, h, n, _ = (int(s) for s in data.shape)
+        k = self.n_components
         pending = self._pending.get(layer.name)
         if pending is None or tuple(pending.components.shape) != (b, layer.heads, k, n):
             pending = self._pending[layer.name] = _Pending(
@@ -301,11 +341,22 @@ class PCAHeadStore(AttentionStore):
                 pending.total[bi, start + j] = res.total_variance.to(self.device)
         pending.done[start : start + h] = True
 
+    def _add_whole_heads(
+        self, layer: LayerInfo, probs: torch.Tensor, heads: slice, out: torch.Tensor | None = None
+    ) -> None:
+        """:meth:`add_chunk` without ``queries``: the processor then sends whole heads."""
+        PCAHeadStore.add_chunk(self, layer, probs, heads, out)
+
     def end_call(self, layer: LayerInfo) -> None:
         """Close one call of ``layer``: a complete call that was kept replaces the layer's previous one."""
         call = self._calls.get(layer.name, 0)
         self._calls[layer.name] = call + 1
         pending = self._pending.pop(layer.name, None)
+        stale = [key for key in self._rows if key[0] == layer.name]
+        for key in stale:
+            del self._rows[key]
+        if stale:
+            raise AttnSegError(f"call {call} of {layer.name} ended with query rows missing for heads {stale[0][1:]}")
         if pending is None:
             return
         if not bool(pending.done.all()):
@@ -396,6 +447,7 @@ class PCAHeadStore(AttentionStore):
         self._captured_call.clear()
         self._calls.clear()
         self._pending.clear()
+        self._rows.clear()
 
     # -- persistence -------------------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
