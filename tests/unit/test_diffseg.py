@@ -636,3 +636,16 @@ def test_merge_pruned_equals_dense(tau: float) -> None:
     dense, counts_dense = _merge(attn, (tau, tau), grid, prune=False)
     assert counts_pruned == counts_dense
     torch.testing.assert_close(pruned, dense, rtol=1e-5, atol=1e-7)
+
+
+def test_aggregation_refuses_what_does_not_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An aggregate that would exhaust memory is refused with a message, not killed by the OS."""
+    import attnseg.methods.ops as ops
+    from attnseg.errors import AttnSegError
+
+    maps = {8: torch.full((64, 64), 1 / 64)}
+    monkeypatch.setattr(ops, "available_memory_bytes", lambda: 1000)  # 3 * 8^4 * 4 bytes do not fit in 1 kB
+    with pytest.raises(AttnSegError, match=r"8x8 needs about .* GiB"):
+        aggregate_self_attention(maps)
+    monkeypatch.setattr(ops, "available_memory_bytes", lambda: 2**30)
+    assert aggregate_self_attention(maps).shape == (8, 8, 8, 8)

@@ -190,7 +190,7 @@ class HeadWeightedStore(AttentionStore):
         b, n = probs.shape[0], layer.num_tokens
         mean = self._pending_self.get(layer.name)
         if mean is None:
-            mean = self._pending_self[layer.name] = torch.zeros((b, n, n), dtype=torch.float32, device=self.device)
+            mean = self._pending_self[layer.name] = self._zeros((b, n, n), f"the self-attention of {layer.name}")
         mean[:, queries] += (probs.sum(1) / layer.heads).to(self.device, torch.float32)
 
     def _finish_self(self, layer: LayerInfo, mean: torch.Tensor) -> None:

@@ -144,7 +144,7 @@ class AttentionStore:
         q = layer.num_tokens
         if entry.sum is None:
             shape = (b, q, k) if self.heads == "mean" else (b, layer.heads, q, k)
-            entry.sum = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            entry.sum = self._zeros(shape, f"the attention maps of {key}")
         elif entry.sum.shape[0] != b or entry.sum.shape[-2:] != (q, k):
             raise AttnSegError(
                 f"attention of {layer.name} has {b} x {q} x {k} maps, which do not match the maps already "
@@ -161,6 +161,17 @@ class AttentionStore:
             if self.group == "resolution" and entry.sum.shape[1] != layer.heads:
                 raise ConfigError(f"heads='all' with group='resolution' needs equal head counts at {key}")
             entry.sum[:, heads, queries] += probs.to(self.device, self.dtype)
+
+    def _zeros(self, shape: tuple[int, ...], what: str) -> torch.Tensor:
+        """A zero accumulator, refused with a clear error when it cannot fit in the memory available."""
+        if self.device.type == "cpu":
+            from attnseg.methods.ops import check_memory
+
+            numel = 1
+            for n in shape:
+                numel *= n
+            check_memory(numel * torch.empty((), dtype=self.dtype).element_size(), what)
+        return torch.zeros(shape, dtype=self.dtype, device=self.device)
 
     def end_call(self, layer: LayerInfo) -> None:
         """Mark one call of ``layer`` (all heads) as complete: the running mean's count grows by one."""

@@ -37,7 +37,7 @@ import torch
 
 from attnseg.errors import ConfigError
 from attnseg.methods.base import METHODS, RunOptions
-from attnseg.methods.ops import add_query_tiled, group_mean, key_upsample, symmetric_kl_matrix
+from attnseg.methods.ops import add_query_tiled, check_memory, group_mean, key_upsample, symmetric_kl_matrix
 from attnseg.types import SegmentationResult
 
 if TYPE_CHECKING:
@@ -136,6 +136,9 @@ def _aggregate(
     ws = _resolve_weights(resolutions, weights)
     big = max(resolutions)
     n_big = big * big
+    if entries[0][1].device.type == "cpu":
+        # the aggregate, one resized resolution and the merge's log-maps: about three R^4 float32 tensors
+        check_memory(3 * n_big * n_big * 4, f"aggregating self-attention at {big}x{big}")
 
     out: torch.Tensor | None = None
     # The largest grid first: its weighted copy becomes the accumulator (no extra R^4 zero-fill).
