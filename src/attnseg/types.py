@@ -138,7 +138,8 @@ class SegmentationResult:
 
     Attributes:
         labels: ``(H, W) int64`` segment or class id per pixel (``-1`` never occurs).
-        scores: optional ``(K, H, W) float32`` per-segment/class scores (continuous maps).
+        scores: optional ``(K, H, W) float32`` per-segment/class scores (continuous maps), or ``(M, H, W) bool``
+            possibly overlapping masks for mask-set methods (principal-component clustering).
         label_names: optional name per id (``label_names[i]`` names id ``i``).
         method: name of the method that produced it.
         params: the method's hyper-parameters.
@@ -167,11 +168,14 @@ class SegmentationResult:
 
     def resize(self, size: tuple[int, int]) -> SegmentationResult:
         """Resize to ``(H, W)``: nearest for labels, bilinear for scores."""
+        import torch
         import torch.nn.functional as F
 
         labels = F.interpolate(self.labels[None, None].float(), size=size, mode="nearest")[0, 0].long()
         scores = None
-        if self.scores is not None:
+        if self.scores is not None and self.scores.dtype == torch.bool:
+            scores = F.interpolate(self.scores[None].float(), size=size, mode="nearest")[0] > 0.5
+        elif self.scores is not None:
             scores = F.interpolate(self.scores[None].float(), size=size, mode="bilinear", align_corners=False)[0]
         return replace(self, labels=labels, scores=scores)
 

@@ -118,3 +118,15 @@ def test_generate_works_with_any_method(adapter):
     out = generate(adapter, "a cat", _MeanSelfAttention(), num_inference_steps=1)  # type: ignore[arg-type]
     assert out.clustering is None and out.result.method == "test-mean"
     assert out.store.batch == slice(1, 2)
+
+
+def test_segment_carries_the_merged_masks_of_every_k(tiny_adapter, rgb_image) -> None:
+    """Best-match protocols score the merged mask set of all k, which travels as boolean scores."""
+    from attnseg.pipeline import AttentionSegmentationPipeline
+
+    result = AttentionSegmentationPipeline(tiny_adapter, "clustering", ks=(2, 3)).run(rgb_image, seed=0).result
+    assert result.scores is not None and result.scores.dtype == torch.bool
+    assert result.scores.shape[1:] == result.labels.shape and result.meta["scores_are_masks"]
+    assert set(result.meta["mask_k"]) <= {2, 3} and len(result.meta["mask_k"]) == result.scores.shape[0]
+    resized = result.resize((64, 64))
+    assert resized.scores.dtype == torch.bool and resized.scores.shape[1:] == (64, 64)

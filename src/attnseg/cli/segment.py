@@ -170,7 +170,7 @@ def write_extras(
 
     result = output.result
     written = result.save(out, image=output.image, stem=stem)
-    if heatmaps and result.scores is not None:
+    if heatmaps and result.scores is not None and result.scores.is_floating_point():
         k = result.scores.shape[0]
         names = result.label_names or ()
         if len(names) != k:  # e.g. the target method: one continuous map for the last (target) label

@@ -499,14 +499,15 @@ class ClusteringResult:
         }
 
     def to_segmentation(self, k: int | None = None) -> SegmentationResult:
-        """The label map of cluster count ``k`` (default :attr:`primary_k`) as a :class:`SegmentationResult`;
-        its ``meta`` holds :meth:`summary`."""
+        """The label map of cluster count ``k`` (default :attr:`primary_k`) as a :class:`SegmentationResult`,
+        with the merged masks of all k as boolean ``scores (M, H, W)``; its ``meta`` holds :meth:`summary`."""
         k = self.primary_k if k is None else k
         if k not in self.label_maps:
             raise ConfigError(f"k={k} was not clustered; available: {list(self.ks)}")
+        # the merged masks of every k travel as boolean scores: best-match protocols score the whole set
         return SegmentationResult(
-            labels=self.label_maps[k], method=PCAClustering.name, params=dict(self.params),
-            meta={**self.summary(), "k": int(k)},
+            labels=self.label_maps[k], scores=self.masks, method=PCAClustering.name, params=dict(self.params),
+            meta={**self.summary(), "k": int(k), "scores_are_masks": True},
         )
 
     def pca_rgb_image(self) -> Image.Image:
