@@ -38,6 +38,11 @@ _EXPORTS = {
     "create_method": "attnseg.methods.base",
     "list_methods": "attnseg.methods.base",
     "DiffSeg": "attnseg.methods.diffseg",
+    "GoCA": "attnseg.methods.goca",
+    "TargetSegmenter": "attnseg.methods.target",
+    "PCAClustering": "attnseg.methods.clustering",
+    "generate": "attnseg.generation",
+    "img2img_capture": "attnseg.generation",
     "find_word": "attnseg.prompts",
     "load_image": "attnseg.io.images",
 }
@@ -50,13 +55,16 @@ __all__ = [
     "ConfigError",
     "DiffSeg",
     "DiffusionAdapter",
+    "GoCA",
     "ImageError",
     "LayerInfo",
     "ModelNotFoundError",
+    "PCAClustering",
     "PipelineOutput",
     "Prompt",
     "SegmentationResult",
     "Segmenter",
+    "TargetSegmenter",
     "TokenNotFoundError",
     "TokenSpan",
     "UNetAdapter",
@@ -64,6 +72,8 @@ __all__ = [
     "__version__",
     "create_method",
     "find_word",
+    "generate",
+    "img2img_capture",
     "list_methods",
     "load_image",
     "load_model",
@@ -94,9 +104,13 @@ if TYPE_CHECKING:
         TokenNotFoundError,
         UnsupportedModelError,
     )
+    from attnseg.generation import generate, img2img_capture
     from attnseg.io.images import load_image
     from attnseg.methods.base import Segmenter, create_method, list_methods
+    from attnseg.methods.clustering import PCAClustering
     from attnseg.methods.diffseg import DiffSeg
+    from attnseg.methods.goca import GoCA
+    from attnseg.methods.target import TargetSegmenter
     from attnseg.models.base import DiffusionAdapter
     from attnseg.models.loading import load_model
     from attnseg.models.unet import UNetAdapter
