@@ -15,7 +15,6 @@ result reproducible: each component's largest-magnitude score is positive.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -450,14 +449,7 @@ class PCAHeadStore(AttentionStore):
         self._rows.clear()
 
     # -- persistence -------------------------------------------------------------------------------------------------
-    def save(self, path: str | Path) -> Path:
-        """Write ``path`` (``.safetensors``, metadata JSON in its header); read back with :meth:`load`."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        if path.suffix != ".safetensors":
-            path = path.with_suffix(".safetensors")
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def _tensors(self) -> dict[str, torch.Tensor]:
         tensors: dict[str, torch.Tensor] = {}
         for name, e in self._entries.items():
             if e.sum is None:
@@ -466,19 +458,20 @@ class PCAHeadStore(AttentionStore):
             tensors[f"variance:{name}"] = self._variance[name].contiguous()
             tensors[f"total_variance:{name}"] = self._total[name].contiguous()
         tensors.update({f"feature:{name}": v.contiguous() for name, v in self.features.items()})
-        header = {
-            "format": _FORMAT,
-            "version": _FORMAT_VERSION,
-            # the base store's keys, so that its readers see a per-layer, all-heads store
-            "heads": self.heads,
-            "group": self.group,
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "n_components": self.n_components,
-            "reading": self.reading,
-            "step": self.step,
-            "solver": self.solver,
-            "seed": self.seed,
-            "entries": {
+        return tensors
+
+    def _header(self) -> dict[str, Any]:
+        # the base store's keys stay, so that its readers see a per-layer, all-heads store
+        header = super()._header()
+        header.update(
+            format=_FORMAT,
+            version=_FORMAT_VERSION,
+            n_components=self.n_components,
+            reading=self.reading,
+            step=self.step,
+            solver=self.solver,
+            seed=self.seed,
+            entries={
                 name: {
                     "kind": e.kind, "grid": list(e.grid), "layers": e.layers, "count": e.count,
                     "call": self._captured_call.get(name, 0),
@@ -486,12 +479,8 @@ class PCAHeadStore(AttentionStore):
                 for name, e in self._entries.items()
                 if e.sum is not None
             },
-            "layers": {name: info.to_dict() for name, info in self.layers.items()},
-            "features": dict(self._feature_counts),
-            "meta": self.meta,
-        }
-        save_file(tensors, str(path), metadata={"attnseg": json.dumps(header)})
-        return path
+        )
+        return header
 
     @classmethod
     def load(cls, path: str | Path, *, device: torch.device | str = "cpu") -> PCAHeadStore:

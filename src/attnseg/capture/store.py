@@ -271,9 +271,18 @@ class AttentionStore:
         if path.suffix != ".safetensors":
             path = path.with_suffix(".safetensors")
         path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(self._tensors(), str(path), metadata={"attnseg": json.dumps(self._header())})
+        return path
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        """What :meth:`save` writes as tensors (subclasses add their own)."""
         tensors = {key: e.sum.contiguous() for key, e in self._entries.items() if e.sum is not None}
         tensors.update({f"feature:{name}": v.contiguous() for name, v in self.features.items()})
-        header = {
+        return tensors
+
+    def _header(self) -> dict[str, Any]:
+        """What :meth:`save` writes as JSON metadata (subclasses extend it)."""
+        return {
             "format": _FORMAT,
             "version": _FORMAT_VERSION,
             "heads": self.heads,
@@ -287,8 +296,6 @@ class AttentionStore:
             "features": dict(self._feature_counts),
             "meta": self.meta,
         }
-        save_file(tensors, str(path), metadata={"attnseg": json.dumps(header)})
-        return path
 
     @classmethod
     def load(cls, path: str | Path, *, device: torch.device | str = "cpu") -> AttentionStore:

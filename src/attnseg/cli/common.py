@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import inspect
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, NoReturn
@@ -80,7 +79,3 @@ def quiet_libraries() -> None:
     for log in (dlog, tlog):
         log.set_verbosity_error()
         log.disable_progress_bar()
-
-
-def is_tty() -> bool:
-    return sys.stderr.isatty()

@@ -25,7 +25,7 @@ from attnseg.eval.datasets.base import (
     _check_files,
     _find_root,
     _Item,
-    _lut,
+    _zero_label_table,
     load_json,
 )
 
@@ -62,11 +62,7 @@ class ADE20KBase(SegmentationDataset):
         ]
         _check_files(items, "ADE20K")
         names = load_json("class_names.json")["ade20k150"]["names"]
-        if self.reduce_zero_label:
-            self._table = _lut({0: 255, 255: 255} | {k: k - 1 for k in range(1, 151)})
-        else:
-            self._table = _lut({k: k for k in range(151)} | {255: 255})
-            names = ["background", *names]
+        self._table, names = _zero_label_table(151, names, keep_zero=not self.reduce_zero_label)
         super().__init__(root=root, split=folder, items=items, class_names=names, ignore_index=255)
 
     def _convert_label(self, raw: NDArray[Any], item: _Item) -> NDArray[np.int64]:

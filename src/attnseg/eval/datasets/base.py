@@ -314,6 +314,16 @@ def _lut(mapping: Mapping[int, int], size: int = 256, *, default: int = -1) -> N
     return table
 
 
+def _zero_label_table(
+    num_labels: int, names: list[str], *, keep_zero: bool
+) -> tuple[NDArray[np.int64], list[str]]:
+    """Label tables of layouts whose label 0 is "background"/"other": kept as class 0 named background, or
+    ignored (255) with labels 1..num_labels-1 shifted down by one; 255 stays ignored."""
+    if keep_zero:
+        return _lut({k: k for k in range(num_labels)} | {255: 255}), ["background", *names]
+    return _lut({0: 255, 255: 255} | {k: k - 1 for k in range(1, num_labels)}), list(names)
+
+
 def _apply_lut(raw: NDArray[Any], table: NDArray[np.int64], dataset: str, path: Path) -> NDArray[np.int64]:
     """Map raw label values through ``table``; values outside it or mapped to -1 raise."""
     if raw.size and (raw.min() < 0 or raw.max() >= table.size):

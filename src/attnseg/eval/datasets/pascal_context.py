@@ -31,8 +31,8 @@ from attnseg.eval.datasets.base import (
     _check_files,
     _find_root,
     _Item,
-    _lut,
     _read_id_list,
+    _zero_label_table,
     load_json,
 )
 
@@ -67,11 +67,7 @@ class PascalContextBase(SegmentationDataset):
         ]
         _check_files(items, "PascalContext")
         names = load_json("class_names.json")["pascal_context59"]["names"]
-        if self.background_is_class:
-            self._table = _lut({k: k for k in range(60)} | {255: 255})
-            names = ["background", *names]
-        else:
-            self._table = _lut({0: 255, 255: 255} | {k: k - 1 for k in range(1, 60)})
+        self._table, names = _zero_label_table(60, names, keep_zero=self.background_is_class)
         super().__init__(root=root, split=split, items=items, class_names=names, ignore_index=255)
 
     def _convert_label(self, raw: NDArray[Any], item: _Item) -> NDArray[np.int64]:
