@@ -59,7 +59,9 @@ def test_masks_agree_with_captions(split: str) -> None:
             assert pixels.sum() == obj.area > 0
             assert (scene.semantic[pixels] == obj.class_id).all()
             assert WORLD.classes[obj.class_id] == obj.shape
-            assert scene.caption[obj.span[0] : obj.span[1]] == f"{obj.colour} {obj.shape}"
+            assert scene.caption[obj.span[0] : obj.span[1]] == obj.phrase
+            assert obj.phrase.endswith(f"{obj.colour} {obj.shape}")
+            assert (obj.texture == "plain") == (obj.phrase == f"{obj.colour} {obj.shape}")
             for word, (s, e) in obj.word_spans.items():
                 assert scene.caption[s:e] == word
         assert ((scene.instances == 0) == (scene.semantic == 0)).all()
@@ -89,7 +91,10 @@ def test_splits_are_disjoint_ranges() -> None:
 @pytest.mark.parametrize(
     "kwargs",
     [{"image_size": 4}, {"classes": ("circle", "square")}, {"classes": ("background", "hexagon")},
-     {"min_objects": 0}, {"size_range": (0.3, 0.2)}, {"patterns": ("wavy",)}, {"template_weights": (1.0,)}],
+     {"min_objects": 0}, {"size_range": (0.3, 0.2)}, {"background_textures": ("wavy",)},
+     {"object_textures": ("plain", "wavy"), "object_texture_weights": (1.0, 1.0)},
+     {"object_texture_weights": (1.0,)}, {"template_weights": (1.0,)}, {"camouflage_prob": 1.5},
+     {"lighting": 1.0}, {"noise": -1.0}, {"version": 1}],
 )
 def test_world_config_validates(kwargs: dict) -> None:
     with pytest.raises(ValueError):
@@ -130,14 +135,15 @@ def test_format_objects() -> None:
 
 def test_tokenizer_offsets_map_back_to_words() -> None:
     tok = WordTokenizer(world_words(WORLD), max_length=24)
-    text = "A red circle, and a blue   square on a striped background"
+    text = "A red circle, and a blue   square on a striped green background"
     enc = tok(text)
     assert len(enc.ids) == len(enc.tokens) == len(enc.offsets) == len(enc.special) == 24
     assert enc.tokens[0] == "<sos>" and enc.special[0] and enc.offsets[0] == (0, 0)
     assert enc.tokens[enc.length - 1] == "<eos>" and enc.special[enc.length - 1]
     assert all(t == "<pad>" and sp for t, sp in zip(enc.tokens[enc.length :], enc.special[enc.length :], strict=True))
     words = [enc.tokens[i] for i in range(1, enc.length - 1)]
-    assert words == ["a", "red", "circle", ",", "and", "a", "blue", "square", "on", "a", "striped", "background"]
+    assert words == ["a", "red", "circle", ",", "and", "a", "blue", "square", "on", "a", "striped", "green",
+                     "background"]
     for i in range(1, enc.length - 1):
         s, e = enc.offsets[i]
         assert text[s:e].lower() == enc.tokens[i]
@@ -196,9 +202,72 @@ def test_written_dataset_reads_as_toyworld(tmp_path) -> None:
 
     write_dataset(tmp_path / "toy", "test", 3)
     ds = create_dataset("toyworld", tmp_path / "toy", split="test")
-    assert len(ds) == 3 and tuple(ds.class_names) == ("background", "circle", "square", "triangle")
+    assert len(ds) == 3 and tuple(ds.class_names) == ("background", "circle", "square", "triangle", "cross")
     sample = ds[0]
     scene = generate_scene(scene_seed("test", 0))
     assert np.array_equal(sample.label, scene.semantic)
     with pytest.raises(DatasetError, match="attnseg toyworld generate"):
         create_dataset("toyworld", tmp_path / "missing")
+
+
+# -- world 2: colour carries no class information --------------------------------------------------
+
+
+def _touching(a: np.ndarray, b: np.ndarray) -> bool:
+    grown = a.copy()
+    grown[1:] |= a[:-1]
+    grown[:-1] |= a[1:]
+    grown[:, 1:] |= a[:, :-1]
+    grown[:, :-1] |= a[:, 1:]
+    return bool((grown & b).any())
+
+
+def test_colour_and_texture_are_independent_of_shape() -> None:
+    from scipy.stats import chi2_contingency
+
+    shapes, colours, textures = list(WORLD.shape_classes), list(WORLD.colours), list(WORLD.object_textures)
+    by_colour = np.zeros((len(shapes), len(colours)))
+    by_texture = np.zeros((len(shapes), len(textures)))
+    for i in range(1500):
+        for o in generate_scene(scene_seed("train", i), WORLD).objects:
+            by_colour[shapes.index(o.shape), colours.index(o.colour)] += 1
+            by_texture[shapes.index(o.shape), textures.index(o.texture)] += 1
+    # Independence cannot be rejected; a world where a shape prefers a colour gives p far below 0.01.
+    assert chi2_contingency(by_colour).pvalue > 0.01
+    assert chi2_contingency(by_texture).pvalue > 0.01
+    assert (by_colour.sum(0) > 0).all() and (by_texture.sum(0) > 0).all()
+
+
+def test_same_colour_objects_often_touch_and_share_the_background_palette() -> None:
+    multi = touching_same = bg_in_objects = 0
+    for i in range(400):
+        scene = generate_scene(scene_seed("train", i), WORLD)
+        if any(o.colour == scene.background_colour for o in scene.objects):
+            bg_in_objects += 1
+        if len(scene.objects) < 2:
+            continue
+        multi += 1
+        pairs = itertools.combinations(scene.objects, 2)
+        if any(a.colour == b.colour and _touching(scene.instances == a.instance, scene.instances == b.instance)
+               for a, b in pairs):
+            touching_same += 1
+    assert touching_same / multi > 0.3
+    assert bg_in_objects / 400 > 0.2  # camouflaged objects wear the background's colour
+
+
+def test_first_world_configs_are_refused() -> None:
+    old = {k: v for k, v in WORLD.to_dict().items() if k != "version"}
+    with pytest.raises(ValueError, match="re-train"):
+        WorldConfig.from_dict(old)
+
+
+def test_t5_layout_tokenizer_has_no_start_token() -> None:
+    tok = WordTokenizer(world_words(WORLD), max_length=8, start_token=False)
+    enc = tok("a red circle")
+    assert enc.tokens == ("a", "red", "circle", "<eos>", "<pad>", "<pad>", "<pad>", "<pad>")
+    assert enc.length == 4 and enc.special == (False, False, False, True, True, True, True, True)
+    assert enc.offsets[1] == (2, 5)
+    again = WordTokenizer.from_dict(json.loads(json.dumps(tok.to_dict())))
+    assert again("a red circle") == enc
+    full = tok("a red circle a red circle a red")
+    assert full.truncated and full.tokens[-1] == "<eos>" and full.length == 8

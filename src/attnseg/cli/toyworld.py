@@ -29,6 +29,8 @@ def train(
     bf16: Annotated[bool, typer.Option("--bf16/--no-bf16", help="bfloat16 autocast")] = True,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="continue from OUT/checkpoint.pt")] = True,
     checkpoint_every: Annotated[int, typer.Option(help="steps between checkpoints")] = 100,
+    caption_dropout: Annotated[float, typer.Option(help="fraction of captions replaced by the empty prompt")] = 0.1,
+    arch: Annotated[str, typer.Option(help="unet (the `toyworld` model) or flux (`toyworld-flux`)")] = "unet",
     json_out: Annotated[bool, typer.Option("--json", help="print the training record as JSON")] = False,
 ) -> None:
     """Train the toy model (resumable: re-run the same command to continue)."""
@@ -43,7 +45,13 @@ def train(
     )
 
     from attnseg.errors import AttnSegError
+    from attnseg.toyworld.flux import default_toy_flux_config
+    from attnseg.toyworld.model import default_toy_config
     from attnseg.toyworld.train import train as run_training
+
+    builders = {"unet": default_toy_config, "flux": default_toy_flux_config}
+    if arch not in builders:
+        raise typer.BadParameter(f"must be one of {', '.join(builders)}", param_hint="--arch")
 
     if threads is not None:
         if threads < 1:
@@ -75,6 +83,8 @@ def train(
                 progress=progress,
                 bf16=bf16,
                 checkpoint_every=checkpoint_every,
+                caption_dropout=caption_dropout,
+                config=builders[arch](image_size=image_size),
             )
         except AttnSegError as e:
             typer.echo(f"error: {e}", err=True)

@@ -47,6 +47,7 @@ __all__ = [
     "TopNResult",
     "best_match_iou",
     "binary_scores",
+    "hungarian_counts",
     "hungarian_match",
     "label_masks",
     "pairwise_iou",
@@ -187,6 +188,43 @@ def _tp_fp_fn(
     tp = hist[rows, assigned]
     fn = hist.sum(axis=1) - tp
     fp = hist.sum(axis=0)[assigned] - tp
+    return tp, fp, fn
+
+
+def _hungarian_counts(
+    hist: NDArray[np.int64], present_only: bool
+) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]:
+    """TP/FP/FN per class of one image's confusion, and the column matched to each class (-1: none).
+
+    With ``present_only`` only the classes that have pixels in the target take part in the assignment:
+    an absent class can then never be matched to a segment (and charged its pixels as false positives).
+    """
+    rows = np.flatnonzero(hist.sum(axis=1) > 0) if present_only else np.arange(hist.shape[0])
+    c = hist.shape[0]
+    tp, fp, fn = (np.zeros(c, dtype=np.int64) for _ in range(3))
+    assigned = np.full(c, -1, dtype=np.int64)
+    if rows.size:
+        sub = _assign(hist[rows])
+        t, f, n = _tp_fp_fn(hist[rows], sub)
+        tp[rows], fp[rows], fn[rows], assigned[rows] = t, f, n, sub
+    return tp, fp, fn, assigned
+
+
+def hungarian_counts(
+    pred: ArrayLike, target: ArrayLike, num_classes: int, *, ignore_index: int | None = 255, present_only: bool = False
+) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]:
+    """One image's ``(C,)`` TP, FP and FN after per-image Hungarian matching (see :class:`PerImageHungarian`).
+
+    Args:
+        pred: ``(H, W)`` non-negative segment ids.
+        target: ``(H, W)`` class ids or ``ignore_index``.
+        num_classes: C.
+        ignore_index: target value excluded from scoring.
+        present_only: match only the classes present in ``target`` (the lenient rule); default: all classes.
+    """
+    p, t = _check_pair(pred, target)
+    hist, _ = _hungarian_hist(p, t, _check_num_classes(num_classes), ignore_index)
+    tp, fp, fn, _ = _hungarian_counts(hist, present_only)
     return tp, fp, fn
 
 
@@ -450,13 +488,17 @@ class PerImageHungarian:
     Args:
         num_classes: number of classes C.
         ignore_index: target value excluded from scoring.
+        present_only: take only the classes present in each image's target into its assignment (the more
+            lenient rule: absent classes are never charged false positives). Default False: all C classes
+            take part, as in DiffSeg's code.
     """
 
     protocol = "per-image-hungarian"
 
-    def __init__(self, num_classes: int, *, ignore_index: int | None = 255) -> None:
+    def __init__(self, num_classes: int, *, ignore_index: int | None = 255, present_only: bool = False) -> None:
         self.num_classes = _check_num_classes(num_classes)
         self.ignore_index = ignore_index
+        self.present_only = bool(present_only)
         self._tp = np.zeros(self.num_classes, dtype=np.int64)
         self._fp = np.zeros(self.num_classes, dtype=np.int64)
         self._fn = np.zeros(self.num_classes, dtype=np.int64)
@@ -472,15 +514,16 @@ class PerImageHungarian:
         """
         p, t = _check_pair(pred, target)
         hist, col_ids = _hungarian_hist(p, t, self.num_classes, self.ignore_index)
-        assigned = _assign(hist)
-        tp, fp, fn = _tp_fp_fn(hist, assigned)
+        tp, fp, fn, assigned = _hungarian_counts(hist, self.present_only)
         self._tp += tp
         self._fp += fp
         self._fn += fn
         self._num_pixels += int(hist.sum())
         self._num_images += 1
         used = hist.sum(axis=0) > 0
-        return {int(col_ids[j]): c for c, j in enumerate(assigned.tolist()) if col_ids[j] >= 0 and used[j]}
+        return {
+            int(col_ids[j]): c for c, j in enumerate(assigned.tolist()) if j >= 0 and col_ids[j] >= 0 and used[j]
+        }
 
     def result(self) -> HungarianScores:
         """Scores over everything added so far."""
@@ -490,8 +533,12 @@ class PerImageHungarian:
         """Add another accumulator's counts in place and return ``self``."""
         if not isinstance(other, PerImageHungarian):
             raise ConfigError(f"can only merge a PerImageHungarian, got {type(other).__name__}")
-        if (other.num_classes, other.ignore_index) != (self.num_classes, self.ignore_index):
-            raise ConfigError("cannot merge PerImageHungarian accumulators with different num_classes/ignore_index")
+        if (other.num_classes, other.ignore_index, other.present_only) != (
+            self.num_classes, self.ignore_index, self.present_only
+        ):
+            raise ConfigError(
+                "cannot merge PerImageHungarian accumulators with different num_classes/ignore_index/present_only"
+            )
         self._tp += other._tp
         self._fp += other._fp
         self._fn += other._fn
@@ -505,6 +552,7 @@ class PerImageHungarian:
             "kind": self.protocol,
             "num_classes": self.num_classes,
             "ignore_index": self.ignore_index,
+            "present_only": self.present_only,
             "tp": self._tp.tolist(),
             "fp": self._fp.tolist(),
             "fn": self._fn.tolist(),
@@ -516,7 +564,11 @@ class PerImageHungarian:
     def from_dict(cls, data: Mapping[str, Any]) -> PerImageHungarian:
         """Inverse of :meth:`to_dict`."""
         _check_kind(data, cls.protocol)
-        acc = cls(int(data["num_classes"]), ignore_index=data["ignore_index"])
+        acc = cls(
+            int(data["num_classes"]),
+            ignore_index=data["ignore_index"],
+            present_only=bool(data.get("present_only", False)),
+        )
         acc._tp[:] = np.asarray(data["tp"], dtype=np.int64)
         acc._fp[:] = np.asarray(data["fp"], dtype=np.int64)
         acc._fn[:] = np.asarray(data["fn"], dtype=np.int64)

@@ -28,7 +28,10 @@ if TYPE_CHECKING:
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
+    from attnseg.toyworld.flux import ToyFluxConfig, ToyFluxModel
+
 __all__ = [
+    "BUNDLED",
     "CONFIG_FILE",
     "FORMAT_VERSION",
     "META_FILE",
@@ -44,8 +47,11 @@ __all__ = [
     "sha256_file",
 ]
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-"""The bundled weights (package data)."""
+WEIGHTS_ROOT = Path(__file__).resolve().parent / "weights"
+BUNDLED: dict[str, Path] = {"unet": WEIGHTS_ROOT / "unet", "flux": WEIGHTS_ROOT / "flux"}
+"""The bundled weights (package data) per architecture."""
+WEIGHTS_DIR = BUNDLED["unet"]
+"""The bundled UNet toy model (``--model toyworld``)."""
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 META_FILE = "meta.json"
@@ -70,6 +76,8 @@ class ToyConfig:
     text_encoder: dict[str, Any]
     scheduler: dict[str, Any] = field(default_factory=dict)
 
+    arch = "unet"
+
     @property
     def image_size(self) -> int:
         return self.world.image_size
@@ -77,6 +85,7 @@ class ToyConfig:
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": FORMAT_VERSION,
+            "arch": self.arch,
             "world": self.world.to_dict(),
             "tokenizer": dict(self.tokenizer),
             "unet": _jsonable(self.unet),
@@ -86,9 +95,10 @@ class ToyConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ToyConfig:
-        if d.get("format") != FORMAT_VERSION:
+        if d.get("format") != FORMAT_VERSION or d.get("arch", "unet") != cls.arch:
             raise AttnSegError(
-                f"toy model config format {d.get('format')!r} is not supported (expected {FORMAT_VERSION})"
+                f"toy model config format {d.get('format')!r} / arch {d.get('arch')!r} is not supported "
+                f"(expected format {FORMAT_VERSION}, arch {cls.arch!r})"
             )
         unet = dict(d["unet"])
         for key in ("down_block_types", "up_block_types", "block_out_channels"):
@@ -193,10 +203,12 @@ def _longest_caption(world: WorldConfig) -> int:
     tok = WordTokenizer(world_words(world), max_length=2)
     colour = max(world.colours, key=len)
     shape = max(world.shape_classes, key=len)
-    objects = format_objects([f"{colour} {shape}"] * world.max_objects)
+    texture = max(world.object_textures, key=len)
+    objects = format_objects([f"{texture} {colour} {shape}"] * world.max_objects)
+    background = f"{max(world.background_textures, key=len)} {colour}"
     longest = 0
     for t in world.templates:
-        text = t.format(objects=objects, pattern=max(world.patterns, key=len))
+        text = t.format(objects=objects, background=background)
         longest = max(longest, len(tok.words(text)))
     return longest
 
@@ -245,25 +257,71 @@ class ToyModel:
         null = hidden[:, :1].expand_as(hidden)
         return torch.where(after[..., None], null, hidden)
 
+    @property
+    def denoiser(self) -> UNet2DConditionModel:
+        return self.unet
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """The trained modules by their weight-name prefix."""
+        return {"unet": self.unet, "text_encoder": self.text_encoder}
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """All weights, UNet under ``"unet."`` and text encoder under ``"text_encoder."``."""
-        out = {f"unet.{k}": v for k, v in self.unet.state_dict().items()}
-        out.update({f"text_encoder.{k}": v for k, v in self.text_encoder.state_dict().items()})
-        return out
+        """All weights, each module's under its prefix (``"unet."``, ``"text_encoder."``)."""
+        return module_state_dict(self.modules())
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Inverse of :meth:`state_dict` (strict)."""
-        unet = {k[len("unet.") :]: v for k, v in state.items() if k.startswith("unet.")}
-        text = {k[len("text_encoder.") :]: v for k, v in state.items() if k.startswith("text_encoder.")}
-        if len(unet) + len(text) != len(state):
-            raise AttnSegError("toy model weights contain keys outside 'unet.' and 'text_encoder.'")
-        self.unet.load_state_dict(unet, strict=True)
-        self.text_encoder.load_state_dict(text, strict=True)
+        load_module_state_dict(self.modules(), state)
+
+    # -- training (see attnseg.toyworld.train) ---------------------------------------------------
+    def draw(self, pixels: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """Random draws of one training step: a DDPM timestep per scene (uniform) and the noise."""
+        import torch
+
+        n_train = self.scheduler.config.num_train_timesteps
+        t = torch.randint(0, n_train, (pixels.shape[0],), generator=gen)
+        noise = torch.randn(pixels.shape, generator=gen)
+        return {"t": t.to(pixels.device), "noise": noise.to(pixels.device)}
+
+    def loss(
+        self, pixels: torch.Tensor, ids: torch.Tensor, draws: dict[str, torch.Tensor], *, bf16: bool = True
+    ) -> torch.Tensor:
+        """Epsilon-prediction loss at the drawn timesteps (text encoder and UNet under bf16 autocast)."""
+        import torch
+
+        alphas = self.scheduler.alphas_cumprod.to(device=pixels.device, dtype=torch.float32)
+        a = alphas[draws["t"]].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * pixels + (1 - a).sqrt() * draws["noise"]
+        with torch.autocast(device_type=pixels.device.type, dtype=torch.bfloat16, enabled=bf16):
+            pred = self.unet(noisy, draws["t"], encoder_hidden_states=self.condition(ids)).sample
+        return torch.nn.functional.mse_loss(pred.float(), draws["noise"])
 
 
-def build_toy_model(config: ToyConfig, *, seed: int | None = 0) -> ToyModel:
-    """Construct a toy model from ``config`` with freshly initialised weights (``seed`` fixes them)."""
+def module_state_dict(modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """Weights of several modules in one dict, each under ``"<prefix>."``."""
+    return {f"{prefix}.{k}": v for prefix, m in modules.items() for k, v in m.state_dict().items()}
+
+
+def load_module_state_dict(modules: dict[str, torch.nn.Module], state: dict[str, torch.Tensor]) -> None:
+    """Inverse of :func:`module_state_dict` (strict: every key must belong to one module)."""
+    parts: dict[str, dict[str, torch.Tensor]] = {prefix: {} for prefix in modules}
+    for key, value in state.items():
+        prefix, _, rest = key.partition(".")
+        if prefix not in parts:
+            raise AttnSegError(f"toy model weights contain keys outside {sorted(modules)} ({key!r})")
+        parts[prefix][rest] = value
+    for prefix, module in modules.items():
+        module.load_state_dict(parts[prefix], strict=True)
+
+
+def build_toy_model(config: ToyConfig | ToyFluxConfig, *, seed: int | None = 0) -> ToyModel | ToyFluxModel:
+    """Construct a toy model from ``config`` (UNet or Flux architecture) with fresh weights (``seed`` fixes them)."""
     import torch
+
+    from attnseg.toyworld.flux import ToyFluxConfig, build_toy_flux_model
+
+    if isinstance(config, ToyFluxConfig):
+        return build_toy_flux_model(config, seed=seed)
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -286,7 +344,7 @@ def sha256_file(path: str | Path) -> str:
 
 
 def save_toy_model(
-    model: ToyModel, path: str | Path, meta: dict[str, Any] | None = None, *, dtype: str = "float16"
+    model: ToyModel | ToyFluxModel, path: str | Path, meta: dict[str, Any] | None = None, *, dtype: str = "float16"
 ) -> Path:
     """Write ``model.safetensors``, ``config.json`` and ``meta.json`` (with the weights' sha256) to ``path``.
 
@@ -305,9 +363,11 @@ def save_toy_model(
         raise ValueError(f"dtype must be one of {sorted(dtypes)}, got {dtype!r}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to(dtypes[dtype]).contiguous().cpu() for k, v in model.state_dict().items()}
+    # clone: tied weights (T5 shares its embedding) must not share memory in the file
+    state = {k: v.detach().to(dtypes[dtype]).cpu().contiguous().clone() for k, v in model.state_dict().items()}
     tmp = path / (WEIGHTS_FILE + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt", "attnseg": "toyworld"})
+    # One metadata key: safetensors writes a map's keys in no fixed order, and the file's sha256 must be stable.
+    save_file(state, str(tmp), metadata={"format": "pt"})
     tmp.chmod(0o644)  # package data: readable by all (safetensors may create it private)
     tmp.replace(path / WEIGHTS_FILE)
     (path / CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=1) + "\n")
@@ -331,16 +391,25 @@ def is_toy_model_dir(path: str | Path) -> bool:
         d = json.loads(config.read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return isinstance(d, dict) and d.get("format") == FORMAT_VERSION and {"world", "unet", "text_encoder"} <= set(d)
+    if not isinstance(d, dict) or d.get("format") != FORMAT_VERSION:
+        return False
+    denoiser = "transformer" if d.get("arch") == "flux" else "unet"
+    return {"world", denoiser, "text_encoder"} <= set(d)
 
 
 def load_toy_model(
-    path: str | Path | None = None, *, device: str | torch.device = "cpu", verify: bool = True
-) -> ToyModel:
+    path: str | Path | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    verify: bool = True,
+    arch: str = "unet",
+) -> ToyModel | ToyFluxModel:
     """Load a toy model saved by :func:`save_toy_model` (default: the bundled weights), in eval mode.
 
     Args:
         path: a folder with ``model.safetensors``, ``config.json`` and ``meta.json``; None = bundled weights.
+        arch: which bundled model when ``path`` is None: ``"unet"`` (``--model toyworld``) or ``"flux"``
+            (``--model toyworld-flux``). A folder's own ``config.json`` says its architecture.
         device: where to put the model.
         verify: check the weights' sha256 against ``meta.json``.
 
@@ -350,8 +419,12 @@ def load_toy_model(
     """
     from safetensors.torch import load_file
 
-    folder = Path(path) if path is not None else WEIGHTS_DIR
-    what = "the bundled toy-world weights" if path is None else f"toy model folder {str(folder)!r}"
+    from attnseg.toyworld.flux import ToyFluxConfig
+
+    if path is None and arch not in BUNDLED:
+        raise AttnSegError(f"arch must be one of {sorted(BUNDLED)}, got {arch!r}")
+    folder = Path(path) if path is not None else BUNDLED[arch]
+    what = f"the bundled toy-world {arch} weights" if path is None else f"toy model folder {str(folder)!r}"
     if not folder.is_dir():
         raise ModelNotFoundError(f"{what}: folder not found. Train one with `attnseg toyworld train --out DIR`.")
     missing = [n for n in (WEIGHTS_FILE, CONFIG_FILE, META_FILE) if not (folder / n).is_file()]
@@ -362,7 +435,9 @@ def load_toy_model(
         )
     try:
         meta = json.loads((folder / META_FILE).read_text())
-        config = ToyConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()))
+        raw = json.loads((folder / CONFIG_FILE).read_text())
+        config_cls = ToyFluxConfig if raw.get("arch") == ToyFluxConfig.arch else ToyConfig
+        config = config_cls.from_dict(raw)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise AttnSegError(f"{what}: unreadable config.json or meta.json ({e})") from e
     if verify:
@@ -379,6 +454,6 @@ def load_toy_model(
     except (RuntimeError, OSError, ValueError) as e:
         raise AttnSegError(f"{what}: weights do not match config.json ({e})") from e
     model.meta = meta
-    model.unet.to(device).eval()
-    model.text_encoder.to(device).eval()
+    for module in model.modules().values():
+        module.to(device).eval()
     return model

@@ -54,11 +54,14 @@ class WordTokenizer:
     Args:
         words: the vocabulary words (special tokens are prepended; duplicates ignored).
         max_length: fixed sequence length ``T``, ``<sos>`` and ``<eos>`` included (>= 2).
+        start_token: begin every sequence with ``<sos>`` (CLIP style, default); False gives T5's layout, words
+            then ``<eos>`` (T5's ``</s>``) then padding.
     """
 
-    def __init__(self, words: Iterable[str], *, max_length: int) -> None:
+    def __init__(self, words: Iterable[str], *, max_length: int, start_token: bool = True) -> None:
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2 (room for <sos> and <eos>), got {max_length}")
+        self.start_token = bool(start_token)
         vocab: list[str] = list(SPECIAL_TOKENS)
         for w in words:
             w = w.lower()
@@ -99,15 +102,15 @@ class WordTokenizer:
         return [(m.group(0).lower(), m.start(), m.end()) for m in _WORD.finditer(text)]
 
     def __call__(self, text: str) -> Encoding:
-        """Encode one text; words beyond ``max_length - 2`` are dropped (``truncated`` is set)."""
+        """Encode one text; words beyond the room left by the special tokens are dropped (``truncated`` is set)."""
         words = self.words(text)
-        room = self.max_length - 2
+        room = self.max_length - 1 - int(self.start_token)
         truncated = len(words) > room
         words = words[:room]
-        ids = [self.sos_id]
-        tokens = ["<sos>"]
-        offsets = [(0, 0)]
-        special = [True]
+        ids = [self.sos_id] if self.start_token else []
+        tokens = ["<sos>"] if self.start_token else []
+        offsets = [(0, 0)] if self.start_token else []
+        special = [True] if self.start_token else []
         for w, s, e in words:
             i = self._index.get(w, self.unk_id)
             ids.append(i)
@@ -136,14 +139,21 @@ class WordTokenizer:
 
     # -- persistence ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, object]:
-        return {"vocab": list(self.vocab), "max_length": self.max_length}
+        d: dict[str, object] = {"vocab": list(self.vocab), "max_length": self.max_length}
+        if not self.start_token:
+            d["start_token"] = False
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, object]) -> WordTokenizer:
         vocab = [str(w) for w in d["vocab"]]  # type: ignore[union-attr]
         if tuple(vocab[: len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
             raise ValueError(f"vocab must start with the special tokens {SPECIAL_TOKENS}")
-        return cls(vocab[len(SPECIAL_TOKENS) :], max_length=int(d["max_length"]))  # type: ignore[call-overload]
+        return cls(
+            vocab[len(SPECIAL_TOKENS) :],
+            max_length=int(d["max_length"]),  # type: ignore[call-overload]
+            start_token=bool(d.get("start_token", True)),
+        )
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from attnseg.errors import ConfigError
 from attnseg.toyworld.model import (
@@ -30,6 +30,9 @@ from attnseg.toyworld.model import (
     save_toy_model,
 )
 from attnseg.toyworld.world import SPLITS, generate_scene
+
+if TYPE_CHECKING:
+    from attnseg.toyworld.flux import ToyFluxConfig, ToyFluxModel
 
 __all__ = ["CHECKPOINT_FILE", "TrainResult", "scene_batch", "train"]
 
@@ -58,7 +61,7 @@ class TrainResult:
     meta: dict[str, Any]
 
 
-def scene_batch(first: int, batch_size: int, config: ToyConfig) -> tuple[Any, list[str]]:
+def scene_batch(first: int, batch_size: int, config: ToyConfig | ToyFluxConfig) -> tuple[Any, list[str]]:
     """Training scenes ``first .. first + batch_size - 1`` (wrapping around the train split).
 
     Returns:
@@ -92,13 +95,14 @@ def train(
     image_size: int = 32,
     resume: bool = True,
     progress: ProgressFn | None = None,
-    config: ToyConfig | None = None,
+    config: ToyConfig | ToyFluxConfig | None = None,
     bf16: bool = True,
     checkpoint_every: int = 100,
     warmup: int | None = None,
     min_lr_ratio: float = 0.1,
     grad_clip: float = 1.0,
     loss_window: int = 100,
+    caption_dropout: float = 0.1,
 ) -> TrainResult:
     """Train a toy model and write it in the layout :func:`~attnseg.toyworld.model.load_toy_model` reads.
 
@@ -113,13 +117,17 @@ def train(
         resume: continue from ``out_dir/checkpoint.pt`` when present (its settings must match);
             False starts afresh and overwrites it.
         progress: optional callback ``progress(step_done, steps, loss)``.
-        config: the model; default :func:`~attnseg.toyworld.model.default_toy_config` at ``image_size``.
+        config: the model (:class:`~attnseg.toyworld.model.ToyConfig` for the UNet, or
+            :class:`~attnseg.toyworld.flux.ToyFluxConfig`); default
+            :func:`~attnseg.toyworld.model.default_toy_config` at ``image_size``.
         bf16: run forward and backward under CPU/GPU bfloat16 autocast (weights and optimiser stay float32).
         checkpoint_every: steps between checkpoints.
         warmup: warm-up steps; default ``min(100, steps // 10)``.
         min_lr_ratio: final learning rate as a fraction of ``lr``.
         grad_clip: gradient-norm clip (``0`` disables it).
         loss_window: the number of last steps averaged into ``final_loss``.
+        caption_dropout: fraction of training captions replaced by the empty prompt, so the model also learns
+            the unconditional distribution (the empty prompt and classifier-free guidance then mean something).
 
     Returns:
         a :class:`TrainResult`.
@@ -131,6 +139,8 @@ def train(
             raise ConfigError(f"{name} must be >= 1, got {value}")
     if lr <= 0:
         raise ConfigError(f"lr must be > 0, got {lr}")
+    if not 0 <= caption_dropout < 1:
+        raise ConfigError(f"caption_dropout must be in [0, 1), got {caption_dropout}")
     if seed < 0:
         raise ConfigError(f"seed must be >= 0, got {seed}")
     config = config or default_toy_config(image_size=image_size)
@@ -149,11 +159,12 @@ def train(
         "warmup": warmup,
         "min_lr_ratio": min_lr_ratio,
         "grad_clip": grad_clip,
+        "caption_dropout": caption_dropout,
     }
 
     model = build_toy_model(config, seed=seed)
-    device = model.unet.device
-    params = [*model.unet.parameters(), *model.text_encoder.parameters()]
+    device = next(model.denoiser.parameters()).device
+    params = [p for module in model.modules().values() for p in module.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     start_step, elapsed, losses = 0, 0.0, []
 
@@ -175,11 +186,8 @@ def train(
         if start_step > steps:
             raise ConfigError(f"{ckpt_path} is already at step {start_step} > steps={steps}")
 
-    scheduler = model.scheduler
-    alphas = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
-    n_train = scheduler.config.num_train_timesteps
-    model.unet.train()
-    model.text_encoder.train()
+    for module in model.modules().values():
+        module.train()
 
     def save_checkpoint(step: int) -> None:
         tmp = ckpt_path.with_suffix(".tmp")
@@ -202,17 +210,13 @@ def train(
         gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + step)
         pixels, captions = scene_batch(step * batch_size, batch_size, config)
         pixels = pixels.to(device)
-        t = torch.randint(0, n_train, (batch_size,), generator=gen).to(device)
-        noise = torch.randn(pixels.shape, generator=gen).to(device)
-        a = alphas[t].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * pixels + (1 - a).sqrt() * noise
+        draws = model.draw(pixels, gen)
+        drop = torch.rand(batch_size, generator=gen) < caption_dropout
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
         ids = torch.tensor(model.tokenizer.batch(captions), device=device)
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, steps, lr, warmup, min_lr_ratio)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-            cond = model.condition(ids)
-            pred = model.unet(noisy, t, encoder_hidden_states=cond).sample
-        loss = torch.nn.functional.mse_loss(pred.float(), noise)
+        loss = model.loss(pixels, ids, draws, bf16=bf16)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip > 0:
@@ -231,7 +235,12 @@ def train(
 
 
 def _finish(
-    model: ToyModel, out: Path, settings: dict[str, Any], losses: list[float], elapsed: float, window: int
+    model: ToyModel | ToyFluxModel,
+    out: Path,
+    settings: dict[str, Any],
+    losses: list[float],
+    elapsed: float,
+    window: int,
 ) -> TrainResult:
     import platform
 
@@ -256,13 +265,10 @@ def _finish(
             "transformers": transformers.__version__,
             "python": platform.python_version(),
         },
-        "parameters": {
-            "unet": sum(p.numel() for p in model.unet.parameters()),
-            "text_encoder": sum(p.numel() for p in model.text_encoder.parameters()),
-        },
+        "parameters": {name: sum(p.numel() for p in m.parameters()) for name, m in model.modules().items()},
     }
-    model.unet.eval()
-    model.text_encoder.eval()
+    for module in model.modules().values():
+        module.eval()
     save_toy_model(model, out, meta)
     record = json.loads((out / META_FILE).read_text())
     return TrainResult(out_dir=out, steps=len(losses), final_loss=final, seconds=elapsed, meta=record)

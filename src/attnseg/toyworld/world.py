@@ -1,9 +1,16 @@
-"""The toy world: seeded synthetic scenes of coloured shapes with exact masks and captions.
+"""The toy world: seeded synthetic scenes of textured shapes with exact masks and captions.
 
-A scene is a square RGB image with a textured background and a few shapes (circle, square, triangle) in a
-few colours. Every scene comes with its semantic mask (class ids, ``0`` = background), its instance mask and
-a caption naming every visible shape with its colour, objects ordered left to right, e.g.
-``"a red circle and a blue square on a striped background"``.
+A scene is a square RGB image with a textured background and a few shapes. An object's class is its
+**shape only** (circle, square, triangle, cross); its colour and texture (plain, striped, dotted, shaded)
+are drawn independently of the shape, from the same palette and the same kinds of texture as the
+background, so colour and texture carry no class information. Scenes often hold two objects of the
+same colour touching or overlapping, and smooth lighting and noise run over the whole image. Low-level
+cues (colour clusters, superpixels, a threshold on the colours the caption names) therefore do not
+solve the task, while a person still reads every shape at a glance.
+
+Every scene comes with its semantic mask (class ids, ``0`` = background), its instance mask and a caption
+naming every object with its texture and colour, objects ordered left to right, e.g.
+``"a striped red circle and a red square on a dotted green background"``.
 
 Scenes are a pure function of ``(WorldConfig, seed)``. Splits are disjoint ranges of seeds
 (:data:`SPLITS`), so a test scene can never be a training scene.
@@ -44,6 +51,9 @@ SPLITS: dict[str, tuple[int, int]] = {
 }
 """Split name -> half-open range ``[start, stop)`` of scene seeds; the ranges are disjoint."""
 
+WORLD_VERSION = 2
+"""Version of the scene generator; stored in every config so a model trained on another world is refused."""
+
 
 @dataclass(frozen=True)
 class WorldConfig:
@@ -51,47 +61,69 @@ class WorldConfig:
 
     Attributes:
         image_size: side of the square image in pixels.
-        classes: class names, id ``i`` = ``classes[i]``; id 0 is the background.
-        colours: colour name -> RGB (0-255) of the objects.
-        patterns: background pattern names (each also a caption word).
+        classes: class names, id ``i`` = ``classes[i]``; id 0 is the background. The class is the shape.
+        colours: colour name -> RGB (0-255); objects and backgrounds draw from the same palette (an object never
+            takes its background's main colour, but often its second tone).
+        object_textures: textures of objects (caption adjective; ``"plain"`` is not named in captions).
+        object_texture_weights: sampling weight of each object texture (plain objects are the easiest for
+            colour clustering, so they are rare).
+        background_textures: textures of backgrounds (always named: "on a dotted green background").
         min_objects, max_objects: number of shapes attempted per scene (inclusive).
         size_range: object radius as a fraction of ``image_size`` (uniform in the range).
         min_visible: fraction of an object's own area that must stay visible after later objects are drawn.
-        max_rotation: largest rotation of squares (degrees, either way); triangles rotate freely.
-        colour_jitter: per-object uniform jitter of each RGB channel (0-255 units).
-        distractor_prob: probability of sprinkling small specks of object colours over the background.
-        templates: caption templates; ``{objects}`` is the object list, ``{pattern}`` the background pattern.
+        touch_prob: probability that an object after the first is placed touching (or overlapping) an
+            earlier one, taking that object's colour (so same-colour objects meet often).
+        camouflage_prob: probability that an object (with any object touching it) wears the background's
+            colours in another texture (striped, or dotted on a striped background).
+        second_colour_prob: probability that the second tone of a background texture, or of an object's
+            stripes, is another palette colour (often an object's colour for a background, the
+            background's colour for an object); otherwise a darker or lighter shade of its own colour.
+        lighting: largest relative change of brightness of the smooth lighting field (whole image).
+        noise: standard deviation of the per-pixel Gaussian noise (0-255 units, whole image).
+        version: the scene generator's version (:data:`WORLD_VERSION`).
+        templates: caption templates; ``{objects}`` is the object list, ``{background}`` the background phrase.
         template_weights: sampling weight of each template (the first, canonical one dominates by default).
         max_tries: placement attempts per object before it is dropped.
     """
 
     image_size: int = 32
-    classes: tuple[str, ...] = ("background", "circle", "square", "triangle")
+    classes: tuple[str, ...] = ("background", "circle", "square", "triangle", "cross")
     colours: dict[str, tuple[int, int, int]] = field(
         default_factory=lambda: {
-            "red": (220, 40, 40),
-            "green": (40, 175, 60),
-            "blue": (45, 85, 225),
-            "yellow": (235, 205, 35),
+            "red": (205, 45, 40),
+            "green": (45, 160, 60),
+            "blue": (45, 80, 215),
+            "yellow": (225, 195, 40),
+            "purple": (140, 60, 175),
         }
     )
-    patterns: tuple[str, ...] = ("plain", "striped", "dotted", "checkered")
+    object_textures: tuple[str, ...] = ("plain", "striped", "dotted", "shaded")
+    object_texture_weights: tuple[float, ...] = (0.1, 0.35, 0.3, 0.25)
+    background_textures: tuple[str, ...] = ("plain", "striped", "dotted", "checkered", "shaded")
     min_objects: int = 1
     max_objects: int = 3
-    size_range: tuple[float, float] = (0.14, 0.26)
-    min_visible: float = 0.6
-    max_rotation: float = 20.0
-    colour_jitter: int = 20
-    distractor_prob: float = 0.25
+    size_range: tuple[float, float] = (0.17, 0.28)
+    min_visible: float = 0.65
+    touch_prob: float = 0.5
+    camouflage_prob: float = 0.4
+    second_colour_prob: float = 0.7
+    lighting: float = 0.3
+    noise: float = 6.0
+    version: int = WORLD_VERSION
     templates: tuple[str, ...] = (
-        "{objects} on a {pattern} background",
-        "a picture of {objects} on a {pattern} background",
+        "{objects} on a {background} background",
+        "a picture of {objects} on a {background} background",
         "{objects}",
     )
     template_weights: tuple[float, ...] = (0.8, 0.1, 0.1)
     max_tries: int = 30
 
     def __post_init__(self) -> None:
+        if self.version != WORLD_VERSION:
+            raise ValueError(
+                f"toy world version {self.version} is not this generator's ({WORLD_VERSION}); "
+                "re-train the model for this world"
+            )
         if self.image_size < 8:
             raise ValueError(f"image_size must be >= 8, got {self.image_size}")
         if len(self.classes) < 2 or self.classes[0] != "background":
@@ -99,11 +131,18 @@ class WorldConfig:
         unknown = set(self.classes[1:]) - set(_SHAPES)
         if unknown:
             raise ValueError(f"classes: unknown shapes {sorted(unknown)}; known: {sorted(_SHAPES)}")
-        if not self.colours:
-            raise ValueError("colours must not be empty")
-        unknown = set(self.patterns) - set(_PATTERNS)
-        if not self.patterns or unknown:
-            raise ValueError(f"patterns must be a non-empty subset of {sorted(_PATTERNS)}, got {self.patterns}")
+        if len(self.colours) < 2:
+            raise ValueError("colours must name at least two colours")
+        for name, known, what in (
+            ("object_textures", _OBJECT_TEXTURES, self.object_textures),
+            ("background_textures", _BACKGROUND_TEXTURES, self.background_textures),
+        ):
+            bad = set(what) - set(known)
+            if not what or bad:
+                raise ValueError(f"{name} must be a non-empty subset of {sorted(known)}, got {what}")
+        ow = self.object_texture_weights
+        if len(ow) != len(self.object_textures) or any(w < 0 for w in ow) or sum(ow) <= 0:
+            raise ValueError(f"object_texture_weights must be >= 0, one per object texture, got {ow}")
         if not 1 <= self.min_objects <= self.max_objects:
             raise ValueError(f"need 1 <= min_objects <= max_objects, got {self.min_objects}, {self.max_objects}")
         lo, hi = self.size_range
@@ -111,8 +150,13 @@ class WorldConfig:
             raise ValueError(f"size_range must satisfy 0 < lo <= hi < 0.5, got {self.size_range}")
         if not 0 < self.min_visible <= 1:
             raise ValueError(f"min_visible must be in (0, 1], got {self.min_visible}")
-        if not 0 <= self.distractor_prob <= 1:
-            raise ValueError(f"distractor_prob must be in [0, 1], got {self.distractor_prob}")
+        for name in ("touch_prob", "second_colour_prob", "camouflage_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not 0 <= self.lighting < 1:
+            raise ValueError(f"lighting must be in [0, 1), got {self.lighting}")
+        if self.noise < 0:
+            raise ValueError(f"noise must be >= 0, got {self.noise}")
         if not self.templates or len(self.templates) != len(self.template_weights):
             raise ValueError("templates and template_weights must be non-empty and of equal length")
         if any(w < 0 for w in self.template_weights) or sum(self.template_weights) <= 0:
@@ -134,8 +178,20 @@ class WorldConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> WorldConfig:
+        """Inverse of :meth:`to_dict`; a dict without ``version`` is the first toy world (refused)."""
         d = dict(d)
-        tuples = ("classes", "patterns", "size_range", "templates", "template_weights")
+        d.setdefault("version", 1)
+        known = set(cls.__dataclass_fields__)
+        extra = set(d) - known
+        if extra and d["version"] == WORLD_VERSION:
+            raise ValueError(f"unknown toy world fields {sorted(extra)}")
+        if d["version"] != WORLD_VERSION:
+            raise ValueError(
+                f"toy world version {d['version']} is not this generator's ({WORLD_VERSION}); "
+                "re-train the model for this world"
+            )
+        tuples = ("classes", "object_textures", "object_texture_weights", "background_textures", "size_range",
+                  "templates", "template_weights")
         for key in tuples:
             if key in d:
                 d[key] = tuple(d[key])
@@ -151,11 +207,11 @@ class SceneObject:
     Attributes:
         instance: its id in :attr:`Scene.instances` (1-based, in caption order).
         shape: class name (``"circle"``...), ``class_id`` its id in :attr:`WorldConfig.classes`.
-        colour: colour name.
+        colour: colour name; ``texture`` its texture (``"plain"`` is not named in the caption).
         center: ``(y, x)`` centre in pixels; ``radius`` its size in pixels.
         angle: rotation in degrees.
         area: visible pixels.
-        span: ``(start, end)`` characters of the object's phrase ("red circle") in the caption.
+        span: ``(start, end)`` characters of the object's phrase ("striped red circle") in the caption.
         word_spans: caption character span of each word of the phrase, keyed by word.
     """
 
@@ -163,12 +219,18 @@ class SceneObject:
     shape: str
     class_id: int
     colour: str
+    texture: str
     center: tuple[float, float]
     radius: float
     angle: float
     area: int
     span: tuple[int, int]
     word_spans: dict[str, tuple[int, int]]
+
+    @property
+    def phrase(self) -> str:
+        """The caption phrase of the object: ``"striped red circle"``, or ``"red circle"`` when plain."""
+        return " ".join(_phrase_words(self.texture, self.colour, self.shape))
 
 
 @dataclass(frozen=True)
@@ -182,7 +244,8 @@ class Scene:
         instances: ``(H, W) int64`` instance ids (0 = background, ``k`` = ``objects[k - 1]``).
         caption: the caption naming every object, left to right.
         objects: the visible objects, in caption order.
-        pattern: the background pattern name.
+        pattern: the background texture name.
+        background_colour: the background's (main) colour name.
         template: index of the caption template used.
     """
 
@@ -193,20 +256,23 @@ class Scene:
     caption: str
     objects: tuple[SceneObject, ...]
     pattern: str
+    background_colour: str
     template: int
 
     def words(self) -> dict[str, Any]:
-        """The JSON record of ``captions.json``: caption, pattern and per-object words and spans."""
+        """The JSON record of ``captions.json``: caption, background and per-object words and spans."""
         return {
             "caption": self.caption,
             "pattern": self.pattern,
+            "background_colour": self.background_colour,
             "objects": [
                 {
                     "instance": o.instance,
                     "class": o.shape,
                     "class_id": o.class_id,
                     "colour": o.colour,
-                    "words": [o.colour, o.shape],
+                    "texture": o.texture,
+                    "words": _phrase_words(o.texture, o.colour, o.shape),
                     "span": list(o.span),
                     "word_spans": {k: list(v) for k, v in o.word_spans.items()},
                     "area": o.area,
@@ -216,20 +282,36 @@ class Scene:
         }
 
 
+def _phrase_words(texture: str, colour: str, shape: str) -> list[str]:
+    return [colour, shape] if texture == "plain" else [texture, colour, shape]
+
+
 # -- shapes -------------------------------------------------------------------------------------
+# Each shape is sized so its area is close to a circle's of the same radius r (pi r^2).
 
 
 def _circle(yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: float, angle: float) -> np.ndarray:
     return (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
 
 
-def _square(yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: float, angle: float) -> np.ndarray:
-    # Half-side chosen so a square's area is close to a circle's of the same radius (pi r^2 ~ (2 * 0.89 r)^2).
-    half = 0.89 * r
+def _rotated(yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, angle: float) -> tuple[np.ndarray, np.ndarray]:
     a = math.radians(angle)
     u = (xx - cx) * math.cos(a) + (yy - cy) * math.sin(a)
     v = -(xx - cx) * math.sin(a) + (yy - cy) * math.cos(a)
+    return u, v
+
+
+def _square(yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: float, angle: float) -> np.ndarray:
+    u, v = _rotated(yy, xx, cy, cx, angle)
+    half = 0.89 * r
     return (np.abs(u) <= half) & (np.abs(v) <= half)
+
+
+def _cross(yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: float, angle: float) -> np.ndarray:
+    # A plus sign: two bars of half-length 1.2 r and half-width 0.42 r (area ~ 3.3 r^2).
+    u, v = _rotated(yy, xx, cy, cx, angle)
+    arm, half = 1.2 * r, 0.42 * r
+    return ((np.abs(u) <= arm) & (np.abs(v) <= half)) | ((np.abs(v) <= arm) & (np.abs(u) <= half))
 
 
 def _triangle(yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: float, angle: float) -> np.ndarray:
@@ -248,45 +330,66 @@ def _triangle(yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: float, an
     return inside
 
 
-_SHAPES = {"circle": _circle, "square": _square, "triangle": _triangle}
+_SHAPES = {"circle": _circle, "square": _square, "triangle": _triangle, "cross": _cross}
+# How far a shape reaches from its centre, in radii (for placement inside the image).
+_REACH = {"circle": 1.0, "square": 1.26, "triangle": 1.25, "cross": 1.3}
+
+# -- textures ------------------------------------------------------------------------------------
+
+_OBJECT_TEXTURES = ("plain", "striped", "dotted", "shaded")
+_BACKGROUND_TEXTURES = ("plain", "striped", "dotted", "checkered", "shaded")
 
 
-# -- backgrounds ---------------------------------------------------------------------------------
-
-_PATTERNS = ("plain", "striped", "dotted", "checkered")
-
-
-def _background(rng: np.random.Generator, pattern: str, size: int) -> np.ndarray:
-    """``(size, size, 3) float64`` in 0-255: a muted two-tone pattern, so saturated shapes stand out."""
-    base = rng.uniform(70, 170)
-    tint = rng.uniform(-18, 18, size=3)
-    c0 = np.clip(base + tint, 0, 255)
-    contrast = rng.uniform(25, 55) * rng.choice([-1.0, 1.0])
-    c1 = np.clip(c0 + contrast + rng.uniform(-8, 8, size=3), 0, 255)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
-    if pattern == "plain":
-        sel = np.zeros((size, size), dtype=np.float64)
-    elif pattern == "striped":
-        period = rng.uniform(3.0, 7.0)
+def _texture(rng: np.random.Generator, texture: str, yy: np.ndarray, xx: np.ndarray, scale: float) -> np.ndarray:
+    """Weight of the second tone per pixel, in [0, 1]; ``scale`` sets the texture's period in pixels."""
+    if texture == "plain":
+        return np.zeros_like(yy)
+    if texture == "striped":
+        period = rng.uniform(0.9, 1.4) * scale
         a = rng.uniform(0, math.pi)
         phase = rng.uniform(0, period)
-        sel = (((xx * math.cos(a) + yy * math.sin(a) + phase) % period) < period / 2).astype(np.float64)
-    elif pattern == "dotted":
-        step = int(rng.integers(4, 7))
-        oy, ox = rng.integers(0, step, size=2)
-        r = rng.uniform(0.8, 1.4)
+        return (((xx * math.cos(a) + yy * math.sin(a) + phase) % period) < period / 2).astype(np.float64)
+    if texture == "dotted":
+        step = rng.uniform(0.9, 1.3) * scale
+        oy, ox = rng.uniform(0, step, size=2)
+        r = rng.uniform(0.22, 0.3) * step
         dy = (yy - oy + step / 2) % step - step / 2
         dx = (xx - ox + step / 2) % step - step / 2
-        sel = (dy**2 + dx**2 <= r**2).astype(np.float64)
-    elif pattern == "checkered":
-        cell = int(rng.integers(3, 7))
-        oy, ox = rng.integers(0, cell, size=2)
-        sel = ((((yy + oy) // cell) + ((xx + ox) // cell)) % 2).astype(np.float64)
-    else:  # pragma: no cover - validated in WorldConfig
-        raise ValueError(f"unknown pattern {pattern!r}")
-    img = c0[None, None, :] * (1 - sel[..., None]) + c1[None, None, :] * sel[..., None]
-    img += rng.normal(0, 4.0, size=img.shape)
-    return img
+        return (dy**2 + dx**2 <= r**2).astype(np.float64)
+    if texture == "checkered":
+        cell = rng.uniform(0.5, 0.8) * scale
+        oy, ox = rng.uniform(0, cell, size=2)
+        return ((np.floor((yy + oy) / cell) + np.floor((xx + ox) / cell)) % 2).astype(np.float64)
+    if texture == "shaded":
+        a = rng.uniform(0, 2 * math.pi)
+        t = xx * math.cos(a) + yy * math.sin(a)
+        lo, hi = float(t.min()), float(t.max())
+        return (t - lo) / max(hi - lo, 1e-9)
+    raise ValueError(f"unknown texture {texture!r}")  # pragma: no cover - validated in WorldConfig
+
+
+def _second_tone(rng: np.random.Generator, rgb: np.ndarray) -> np.ndarray:
+    """A darker or lighter shade of ``rgb`` (the second tone of a texture that names one colour)."""
+    if rng.random() < 0.5:
+        return rgb * rng.uniform(0.4, 0.55)
+    return rgb + (255 - rgb) * rng.uniform(0.45, 0.6)
+
+
+def _paint(rng: np.random.Generator, texture: str, rgb: np.ndarray, second: np.ndarray, yy: np.ndarray,
+           xx: np.ndarray, scale: float) -> np.ndarray:
+    w = _texture(rng, texture, yy, xx, scale)[..., None]
+    return rgb[None, None, :] * (1 - w) + second[None, None, :] * w
+
+
+def _lighting(rng: np.random.Generator, size: int, strength: float) -> np.ndarray:
+    """A smooth multiplicative brightness field: a linear ramp plus one broad blob, within 1 +- strength."""
+    yy, xx = (np.mgrid[0:size, 0:size].astype(np.float64) + 0.5) / size
+    a = rng.uniform(0, 2 * math.pi)
+    ramp = (xx - 0.5) * math.cos(a) + (yy - 0.5) * math.sin(a)  # in about [-0.7, 0.7]
+    cy, cx = rng.uniform(0, 1, size=2)
+    blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * rng.uniform(0.15, 0.35) ** 2))
+    field_ = rng.uniform(-1, 1) * ramp / 0.7 + rng.uniform(-1, 1) * blob
+    return 1 + strength * np.clip(field_, -1, 1)
 
 
 # -- scenes --------------------------------------------------------------------------------------
@@ -307,13 +410,15 @@ def world_words(config: WorldConfig | None = None) -> list[str]:
     config = config or WorldConfig()
     words: list[str] = []
     for t in config.templates:
-        for w in _split_words(t.replace("{objects}", " ").replace("{pattern}", " ")):
+        for w in _split_words(t.replace("{objects}", " ").replace("{background}", " ")):
             if w not in words:
                 words.append(w)
     for w in ("a", "and", ","):  # object-list glue
         if w not in words:
             words.append(w)
-    for w in (*config.colours, *config.shape_classes, *config.patterns):
+    textures = [t for t in (*config.object_textures, *config.background_textures) if t != "plain"]
+    plain = ["plain"] if "plain" in config.background_textures else []
+    for w in (*config.colours, *config.shape_classes, *textures, *plain):
         if w not in words:
             words.append(w)
     return words
@@ -334,6 +439,25 @@ def format_objects(phrases: list[str]) -> str:
     return ", ".join(items[:-1]) + " and " + items[-1]
 
 
+def _place(rng: np.random.Generator, config: WorldConfig, shape: str, r: float,
+           anchor: dict[str, Any] | None) -> tuple[float, float] | None:
+    """A centre for a new object: anywhere it fits, or touching ``anchor`` (centre distance ~ sum of radii)."""
+    size = config.image_size
+    margin = 0.5 + _REACH[shape] * r * 0.85
+    if size - 2 * margin <= 0:
+        return None
+    if anchor is None:
+        cy, cx = rng.uniform(margin, size - margin, size=2)
+        return float(cy), float(cx)
+    theta = rng.uniform(0, 2 * math.pi)
+    dist = (anchor["radius"] + r) * rng.uniform(0.85, 1.1)
+    cy = anchor["center"][0] + dist * math.sin(theta)
+    cx = anchor["center"][1] + dist * math.cos(theta)
+    if not (margin <= cy <= size - margin and margin <= cx <= size - margin):
+        return None
+    return float(cy), float(cx)
+
+
 def generate_scene(seed: int, config: WorldConfig | None = None) -> Scene:
     """Generate one scene; the same ``(seed, config)`` always gives identical arrays and caption.
 
@@ -350,63 +474,86 @@ def generate_scene(seed: int, config: WorldConfig | None = None) -> Scene:
     rng = np.random.default_rng(seed)
     size = config.image_size
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5  # pixel centres
+    palette = {k: np.asarray(v, dtype=np.float64) for k, v in config.colours.items()}
+    colour_names = list(config.colours)
+    scale = size / 8  # texture period: about 4 px at 32 px
 
-    pattern = str(rng.choice(config.patterns))
-    image = _background(rng, pattern, size)
+    # Background: a palette colour with a texture whose second tone is a shade or another palette colour.
+    pattern = str(rng.choice(config.background_textures))
+    bg_colour = str(rng.choice(colour_names))
 
-    if rng.random() < config.distractor_prob:
-        # Distractor texture: sparse one-pixel specks in object colours, still labelled background.
-        n_specks = int(rng.integers(size // 4, size // 2 + 1))
-        ys, xs = rng.integers(0, size, size=(2, n_specks))
-        palette = np.array(list(config.colours.values()), dtype=np.float64)
-        image[ys, xs] = 0.5 * image[ys, xs] + 0.5 * palette[rng.integers(0, len(palette), size=n_specks)]
-
+    object_colours = [c for c in colour_names if c != bg_colour]
     n_objects = int(rng.integers(config.min_objects, config.max_objects + 1))
     instance_map = np.zeros((size, size), dtype=np.int64)
     full_area: list[int] = []
     placed: list[dict[str, Any]] = []
-    colour_names = list(config.colours)
     for _ in range(n_objects):
         shape = str(rng.choice(config.shape_classes))
-        colour = str(rng.choice(colour_names))
         r = float(rng.uniform(*config.size_range)) * size
-        angle = float(rng.uniform(-config.max_rotation, config.max_rotation)) if shape == "square" else 0.0
-        if shape == "triangle":
-            angle = float(rng.uniform(0, 120))
-        jitter = rng.uniform(-config.colour_jitter, config.colour_jitter, size=3)
+        angle = {"square": rng.uniform(-25, 25), "cross": rng.uniform(-25, 25), "triangle": rng.uniform(0, 120)}
+        angle_ = float(angle.get(shape, 0.0))
+        anchor = placed[int(rng.integers(len(placed)))] if placed and rng.random() < config.touch_prob else None
+        # A touching object takes its neighbour's colour. A camouflaged object wears the background's two
+        # tones in another texture (striped on dotted, dotted on striped...), so only its outline and texture
+        # tell it apart; any other object avoids the background's main colour, so its outline stays visible.
+        camouflage = anchor["camouflage"] if anchor is not None else bool(rng.random() < config.camouflage_prob)
+        if camouflage:
+            colour = bg_colour
+            texture = "dotted" if pattern == "striped" else "striped"
+        else:
+            colour = anchor["colour"] if anchor is not None else str(rng.choice(object_colours))
+            tw = np.asarray(config.object_texture_weights, dtype=np.float64)
+            texture = str(rng.choice(config.object_textures, p=tw / tw.sum()))
         for _try in range(config.max_tries):
-            margin = 1.0 + (1.25 * r if shape == "triangle" else r)
-            if size - 2 * margin <= 0:
-                break
-            cy, cx = rng.uniform(margin, size - margin, size=2)
-            mask = _SHAPES[shape](yy, xx, float(cy), float(cx), r, angle)
-            if mask.sum() < 4:
+            centre = _place(rng, config, shape, r, anchor if _try < config.max_tries // 2 else None)
+            if centre is None:
+                continue
+            mask = _SHAPES[shape](yy, xx, centre[0], centre[1], r, angle_)
+            if mask.sum() < 6:
                 continue
             new_map = np.where(mask, len(placed) + 1, instance_map)
             ok = all((new_map == k + 1).sum() >= config.min_visible * full_area[k] for k in range(len(placed)))
             if ok:
                 instance_map = new_map
                 full_area.append(int(mask.sum()))
-                placed.append(
-                    {"shape": shape, "colour": colour, "center": (float(cy), float(cx)), "radius": r,
-                     "angle": angle, "mask": mask, "jitter": jitter}
-                )
+                placed.append({"shape": shape, "colour": colour, "texture": texture, "center": centre,
+                               "radius": r, "angle": angle_, "camouflage": camouflage})
                 break
 
     if not placed:
         # Every scene names at least one object: fall back to a centred circle of mid size.
         r = float(np.mean(config.size_range)) * size
         shape = config.shape_classes[0]
+        colour = object_colours[0]
         mask = _SHAPES[shape](yy, xx, size / 2, size / 2, r, 0.0)
         instance_map = np.where(mask, 1, instance_map)
-        placed.append({"shape": shape, "colour": colour_names[0], "center": (size / 2, size / 2), "radius": r,
-                       "angle": 0.0, "mask": mask, "jitter": np.zeros(3)})
+        placed.append({"shape": shape, "colour": colour, "texture": "plain", "center": (size / 2, size / 2),
+                       "radius": r, "angle": 0.0, "camouflage": False})
 
+    # The background's second tone is often the colour of an object, and an object's stripes or dots are
+    # often the background's colour or another palette colour: colour clusters then cut across objects.
+    others = [c for c in colour_names if c != bg_colour]
+    used = sorted({p["colour"] for p in placed} - {bg_colour})
+    if rng.random() < config.second_colour_prob:
+        pool = used if used and rng.random() < 0.6 else others
+        bg_second = palette[str(rng.choice(pool))]
+    else:
+        bg_second = _second_tone(rng, palette[bg_colour])
+    image = _paint(rng, pattern, palette[bg_colour], bg_second, yy, xx, 1.3 * scale)
     for k, p in enumerate(placed):
         vis = instance_map == k + 1
-        rgb = np.clip(np.array(config.colours[p["colour"]], dtype=np.float64) + p["jitter"], 0, 255)
-        shade = rng.normal(0, 3.0, size=(int(vis.sum()), 3))
-        image[vis] = rgb[None, :] + shade
+        rgb = palette[p["colour"]]
+        second = _second_tone(rng, rgb)
+        if p["camouflage"]:
+            second = bg_second
+        elif p["texture"] == "striped" and rng.random() < config.second_colour_prob:
+            others = [c for c in colour_names if c != p["colour"]]
+            second = palette[bg_colour if rng.random() < 0.5 else str(rng.choice(others))]
+        paint = _paint(rng, p["texture"], rgb, second, yy, xx, scale)
+        image[vis] = paint[vis]
+
+    image = image * _lighting(rng, size, config.lighting)[..., None]
+    image += rng.normal(0, config.noise, size=image.shape)
 
     # Caption order: left to right by the visible centroid (ties: top to bottom), so word order is consistent.
     cents = []
@@ -425,8 +572,9 @@ def generate_scene(seed: int, config: WorldConfig | None = None) -> Scene:
 
     weights = np.asarray(config.template_weights, dtype=np.float64)
     template = int(rng.choice(len(config.templates), p=weights / weights.sum()))
-    phrases = [f"{placed[old]['colour']} {placed[old]['shape']}" for old in order]
-    caption = config.templates[template].format(objects=format_objects(phrases), pattern=pattern)
+    words = [_phrase_words(placed[old]["texture"], placed[old]["colour"], placed[old]["shape"]) for old in order]
+    phrases = [" ".join(w) for w in words]
+    caption = config.templates[template].format(objects=format_objects(phrases), background=f"{pattern} {bg_colour}")
 
     # Character spans of each object's phrase: the list is built in caption order, so search forward.
     objects: list[SceneObject] = []
@@ -436,20 +584,24 @@ def generate_scene(seed: int, config: WorldConfig | None = None) -> Scene:
         start = caption.index(phrases[new], cursor)
         end = start + len(phrases[new])
         cursor = end
-        cstart = start
-        sstart = start + len(p["colour"]) + 1
+        spans: dict[str, tuple[int, int]] = {}
+        pos = start
+        for w in words[new]:
+            spans[w] = (pos, pos + len(w))
+            pos += len(w) + 1
         objects.append(
             SceneObject(
                 instance=new + 1,
                 shape=p["shape"],
                 class_id=class_of[p["shape"]],
                 colour=p["colour"],
+                texture=p["texture"],
                 center=p["center"],
                 radius=p["radius"],
                 angle=p["angle"],
                 area=int((instances == new + 1).sum()),
                 span=(start, end),
-                word_spans={p["colour"]: (cstart, cstart + len(p["colour"])), p["shape"]: (sstart, end)},
+                word_spans=spans,
             )
         )
 
@@ -461,6 +613,7 @@ def generate_scene(seed: int, config: WorldConfig | None = None) -> Scene:
         caption=caption,
         objects=tuple(objects),
         pattern=pattern,
+        background_colour=bg_colour,
         template=template,
     )
 
@@ -471,7 +624,7 @@ def write_dataset(
     """Write ``n`` scenes of ``split`` in the generic on-disk layout.
 
     Layout: ``root/images/<id>.png`` (RGB), ``root/labels/<id>.png`` (uint8 class ids),
-    ``root/instances/<id>.png`` (uint8 instance ids), ``root/captions.json`` (id -> caption, pattern and
+    ``root/instances/<id>.png`` (uint8 instance ids), ``root/captions.json`` (id -> caption, background and
     per-object words and spans), ``root/classes.txt`` (line ``i`` names class ``i``) and
     ``root/world.json`` (the :class:`WorldConfig` and the scene seeds).
 
