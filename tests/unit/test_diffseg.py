@@ -16,9 +16,12 @@ import torch
 from attnseg.errors import ConfigError
 from attnseg.methods.base import METHODS, Segmenter, create_method
 from attnseg.methods.diffseg import (
+    PAPER_THRESHOLD,
+    RELATIVE_THRESHOLD,
     DiffSeg,
     SemanticLabels,
     aggregate_self_attention,
+    anchor_divergence_unit,
     anchor_grid,
     assign_labels,
     label_segments,
@@ -468,7 +471,11 @@ def test_diffseg_registered_and_protocol() -> None:
 
 def test_diffseg_defaults() -> None:
     params = DiffSeg().params()
-    assert params["kl_thresholds"] == [1.1, 1.1, 1.1]
+    assert params["threshold_mode"] == "relative"
+    assert params["kl_thresholds"] == [RELATIVE_THRESHOLD] * 3
+    # The paper's values are one argument away.
+    paper = DiffSeg(threshold_mode="absolute").params()
+    assert paper["kl_thresholds"] == [1.1, 1.1, 1.1] == [PAPER_THRESHOLD] * 3
     assert params["num_anchors"] == 16
     assert params["resolution_weights"] is None
     assert params["refine"] is False
@@ -508,6 +515,7 @@ def test_diffseg_select_layers() -> None:
         ({"label_words": {"cat": []}}, "label_words"),
         ({"label_words": ["cat", "cat"]}, "label_words"),
         ({"label_mode": "median"}, "label_mode"),
+        ({"threshold_mode": "quantile"}, "threshold_mode"),
     ],
 )
 def test_diffseg_validation(kwargs: dict[str, Any], name: str) -> None:
@@ -522,7 +530,7 @@ def test_diffseg_keyword_only() -> None:
 
 def test_diffseg_recovers_regions() -> None:
     store = FakeStore(region_maps(REGIONS_16, (16, 8)))
-    method = DiffSeg(kl_thresholds=(1.1, 1.1, 1.1), num_anchors=4)
+    method = DiffSeg(kl_thresholds=(1.1, 1.1, 1.1), threshold_mode="absolute", num_anchors=4)
     result = method.segment(store)
     assert isinstance(result, SegmentationResult)
     assert result.labels.shape == (16, 16)  # no image size in the store: the attention grid
@@ -649,3 +657,73 @@ def test_aggregation_refuses_what_does_not_fit(monkeypatch: pytest.MonkeyPatch) 
         aggregate_self_attention(maps)
     monkeypatch.setattr(ops, "available_memory_bytes", lambda: 2**30)
     assert aggregate_self_attention(maps).shape == (8, 8, 8, 8)
+
+
+# -- thresholds that mean the same at every grid -----------------------------------------------------------------
+
+
+class _AggregatedStore:
+    """A store whose one resolution already holds the aggregated self-attention."""
+
+    def __init__(self, attn: torch.Tensor) -> None:
+        r = int(attn.shape[0])
+        self._maps = {r: attn.reshape(r * r, r * r)}
+        self.meta: dict[str, Any] = {}
+
+    def self_attention(self, batch_index: int = 0) -> dict[int, torch.Tensor]:
+        return self._maps
+
+
+LAYOUT = torch.zeros(8, 8, dtype=torch.long)
+LAYOUT[1:4, 1:5] = 1
+LAYOUT[5:8, 3:7] = 2
+LAYOUT[0:3, 6:8] = 3
+
+
+def _miou(pred: torch.Tensor, target: torch.Tensor) -> float:
+    from attnseg.eval.metrics import hungarian_counts
+
+    tp, fp, fn = hungarian_counts(pred.numpy(), target.numpy(), int(target.max()) + 1, present_only=True)
+    return float((tp / (tp + fp + fn)).mean())
+
+
+def test_anchor_divergence_unit_is_the_median_neighbour_kl() -> None:
+    from attnseg.synthetic import synthetic_self_attention
+
+    attn = synthetic_self_attention(LAYOUT, 16)
+    grid = anchor_grid(4, 16).reshape(4, 4, 2)
+    pairs = [(grid[i, j], grid[i, j + 1]) for i in range(4) for j in range(3)]
+    pairs += [(grid[i, j], grid[i + 1, j]) for i in range(3) for j in range(4)]
+    values = []
+    for a, b in pairs:  # literal float64 loop
+        p = attn[a[0], a[1]].double().clamp_min(1e-10)
+        q = attn[b[0], b[1]].double().clamp_min(1e-10)
+        values.append(float(0.5 * ((p - q) * (p.log() - q.log())).sum()))
+    expected = sorted(values)[(len(values) - 1) // 2]  # torch.median takes the lower middle value
+    assert anchor_divergence_unit(attn, 4) == pytest.approx(expected, rel=1e-4)
+    # A sharper model (larger divergences) gives a proportionally larger unit: thresholds follow it.
+    sharper = synthetic_self_attention(LAYOUT, 16, sharpness=2.0)
+    assert anchor_divergence_unit(sharper, 4) > 1.5 * anchor_divergence_unit(attn, 4)
+
+
+@pytest.mark.parametrize("size", [16, 32, 64])
+def test_relative_default_finds_the_same_regions_at_every_grid(size: int) -> None:
+    from attnseg.synthetic import resize_layout, synthetic_self_attention
+
+    attn = synthetic_self_attention(LAYOUT, size)
+    target = resize_layout(LAYOUT, size)
+    result = DiffSeg().segment(_AggregatedStore(attn))
+    assert result.meta["divergence_unit"] == pytest.approx(anchor_divergence_unit(attn, 16))
+    assert _miou(result.labels, target) > 0.8
+    assert 4 <= result.meta["num_segments"] <= 10
+
+
+def test_absolute_paper_threshold_does_not_transfer_across_grids() -> None:
+    # The motivating failure: the paper's 1.1 merges everything at 16 x 16 but separates the regions at 64 x 64.
+    from attnseg.synthetic import resize_layout, synthetic_self_attention
+
+    paper = DiffSeg(threshold_mode="absolute")
+    coarse = paper.segment(_AggregatedStore(synthetic_self_attention(LAYOUT, 16)))
+    fine = paper.segment(_AggregatedStore(synthetic_self_attention(LAYOUT, 64)))
+    assert coarse.meta["num_segments"] == 1
+    assert _miou(fine.labels, resize_layout(LAYOUT, 64)) > 0.8

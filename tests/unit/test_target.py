@@ -276,3 +276,51 @@ def test_non_square_input(tiny_adapter, rgb_image):
     assert out.result.labels.shape == (32, 48)
     with pytest.raises(ConfigError, match="square"):
         AttentionSegmentationPipeline(tiny_adapter, "target").run(rgb_image, size=(32, 48))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Thresholds that mean the same at every grid
+# ----------------------------------------------------------------------------------------------------------------------
+
+_LAYOUT = torch.zeros(8, 8, dtype=torch.long)
+_LAYOUT[1:4, 1:5] = 1
+_LAYOUT[5:8, 3:7] = 2
+
+
+def _selection_iou(size: int, **kwargs) -> tuple[float, float]:
+    from attnseg.synthetic import resize_layout, synthetic_cross_attention, synthetic_self_attention
+
+    attn = synthetic_self_attention(_LAYOUT, size)
+    cross = synthetic_cross_attention(_LAYOUT, 1, size)
+    sel = guided_selection(cross, attn, **kwargs)
+    region = resize_layout(_LAYOUT, size) == 1
+    inter = float((sel.selected & region).sum())
+    union = float((sel.selected | region).sum())
+    return inter / union, float(sel.selected.float().mean())
+
+
+@pytest.mark.parametrize("size", [16, 32, 64])
+def test_relative_default_selects_the_target_region_at_every_grid(size):
+    iou, _ = _selection_iou(size, tau=0.5, tau_mode="relative")
+    assert iou > 0.9
+
+
+def test_paper_threshold_selects_nothing_at_a_fine_grid():
+    # D < 0.9 keeps the region at 16 and 32 but no map at 64 (then the 1 % fallback), on the same layout.
+    iou16, _ = _selection_iou(16, tau=0.9, tau_mode="absolute")
+    _, frac64 = _selection_iou(64, tau=0.9, tau_mode="absolute", fallback_fraction=0.01)
+    assert iou16 > 0.8 and frac64 <= 0.011
+
+
+def test_relative_threshold_is_tau_times_the_median():
+    from attnseg.synthetic import synthetic_cross_attention, synthetic_self_attention
+
+    attn = synthetic_self_attention(_LAYOUT, 16)
+    cross = synthetic_cross_attention(_LAYOUT, 2, 16)
+    sel = guided_selection(cross, attn, tau=0.7, tau_mode="relative")
+    assert sel.threshold == pytest.approx(0.7 * float(sel.divergence.median()))
+    assert torch.equal(sel.selected, sel.divergence < sel.threshold)
+    assert TargetSegmenter().tau_mode == "relative" and TargetSegmenter().tau == 0.5
+    assert TargetSegmenter(tau_mode="absolute").tau == 0.9
+    with pytest.raises(ConfigError, match="tau_mode"):
+        TargetSegmenter(tau_mode="quantile")

@@ -48,6 +48,7 @@ __all__ = [
     "DiffSeg",
     "SemanticLabels",
     "aggregate_self_attention",
+    "anchor_divergence_unit",
     "anchor_grid",
     "assign_labels",
     "label_segments",
@@ -57,6 +58,12 @@ __all__ = [
 
 #: Floor applied to probabilities inside logarithms ([proposal], ``METHODS.md`` §2 edge cases).
 KL_EPS = 1e-10
+
+#: The reference's absolute merging threshold (COCO-Stuff-27 setting, ``google/diffseg:benchmarks.ipynb``).
+PAPER_THRESHOLD = 1.1
+#: Default merging threshold in units of :func:`anchor_divergence_unit` ([proposal]; chosen on the toy world's
+#: val split by ``benchmarks/toyworld.py``, checked for transfer across grids on synthetic attention).
+RELATIVE_THRESHOLD = 20.0
 
 _LABEL_MODES = ("mean", "majority")
 
@@ -227,6 +234,43 @@ def anchor_grid(num_anchors: int, size: int) -> torch.Tensor:
     coords = offset + step * torch.arange(num_anchors, dtype=torch.int64)
     rows, cols = torch.meshgrid(coords, coords, indexing="ij")
     return torch.stack([rows.reshape(-1), cols.reshape(-1)], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Threshold scale
+# ----------------------------------------------------------------------------------------------------------------------
+
+_THRESHOLD_MODES = ("relative", "absolute")
+
+
+def anchor_divergence_unit(attn: torch.Tensor, num_anchors: int) -> float:
+    """The image's own scale of divergence: the median symmetric KL between neighbouring anchors.
+
+    Neighbouring anchors of the ``M x M`` :func:`anchor_grid` lie a fixed fraction of the image apart (``1 / M``
+    of its side) at every resolution, and in most images most of them lie inside the same region; so this
+    median measures how far apart two maps of one region are *for this model, resolution and timestep*.
+    Divergences between maps grow with the attention grid (more bins, and attention that is local in token
+    units spreads over a smaller part of the image), so thresholds in multiples of this unit keep their meaning
+    where absolute ones (tuned by DiffSeg for SD 1.4 at 64 x 64) merge everything or nothing.
+
+    Args:
+        attn: ``(R, R, R, R)`` aggregated self-attention (each ``[i, j]`` map sums to 1).
+        num_anchors: ``M``, anchors per side (as for :func:`anchor_grid`).
+
+    Returns:
+        The median over the ``2 M (M - 1)`` horizontally and vertically adjacent anchor pairs of
+        ``D(p, q) = 1/2 sum (p - q)(log p - log q)`` (probabilities floored at ``1e-10``), at least ``1e-6``.
+    """
+    if not isinstance(attn, torch.Tensor) or attn.ndim != 4:
+        raise ConfigError("attn must be a (R, R, R, R) tensor")
+    qh, qw, kh, kw = (int(s) for s in attn.shape)
+    anchors = anchor_grid(num_anchors, min(qh, qw))
+    maps = attn.detach()[anchors[:, 0], anchors[:, 1]].reshape(num_anchors, num_anchors, kh * kw).to(torch.float32)
+    logs = maps.clamp_min(KL_EPS).log()
+    right = 0.5 * ((maps[:, 1:] - maps[:, :-1]) * (logs[:, 1:] - logs[:, :-1])).sum(-1)
+    down = 0.5 * ((maps[1:] - maps[:-1]) * (logs[1:] - logs[:-1])).sum(-1)
+    unit = torch.cat([right.reshape(-1), down.reshape(-1)]).median()
+    return max(float(unit), 1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -630,8 +674,15 @@ class DiffSeg:
     segments with words of the prompt from cross-attention.
 
     Args (keyword-only):
-        kl_thresholds: merging thresholds, one per iteration, ``>= 2`` values > 0. Default ``(1.1, 1.1, 1.1)``:
-            the reference's COCO-Stuff-27 setting (``benchmarks.ipynb``); Cityscapes and the demo use 0.9.
+        kl_thresholds: merging thresholds, one per iteration, ``>= 2`` values > 0, read as ``threshold_mode``
+            says. Default ``(RELATIVE, RELATIVE, RELATIVE)`` in units of :func:`anchor_divergence_unit`
+            (chosen on the toy world's val split, ``benchmarks/toyworld.py``; see :data:`RELATIVE_THRESHOLD`).
+            The reference's absolute values are ``(1.1, 1.1, 1.1)`` on COCO-Stuff-27 (``benchmarks.ipynb``) and 0.9
+            on Cityscapes and in the demo: ``threshold_mode="absolute"`` with them reproduces the paper exactly
+            (the ``paper`` preset, ``attnseg segment --paper-defaults``).
+        threshold_mode: ``"relative"`` (default): a threshold ``tau`` merges maps with ``D < tau * u``, ``u`` the
+            image's median divergence between neighbouring anchors (:func:`anchor_divergence_unit`), so one
+            setting works at every resolution and on every model; ``"absolute"``: ``D < tau`` as in the reference.
         num_anchors: anchors per side of the anchor grid (reference ``NUM_POINTS = 16``: 256 anchors).
         resolution_weights: resolution -> weight; ``None`` for weights proportional to resolution (reference
             ``get_weight_rato``). Normalised to sum 1.
@@ -656,7 +707,8 @@ class DiffSeg:
     def __init__(
         self,
         *,
-        kl_thresholds: Sequence[float] = (1.1, 1.1, 1.1),
+        kl_thresholds: Sequence[float] | None = None,  # relative: RELATIVE_THRESHOLD x 3; paper: 1.1 absolute
+        threshold_mode: str = "relative",  # [proposal]; "absolute" = DiffSeg reference
         num_anchors: int = 16,
         resolution_weights: Mapping[int, float] | None = None,
         refine: bool = False,
@@ -666,6 +718,11 @@ class DiffSeg:
         label_words: Sequence[str] | Mapping[str, Sequence[int]] | None = None,
         label_mode: str = "mean",
     ) -> None:
+        if threshold_mode not in _THRESHOLD_MODES:
+            raise ConfigError(f"threshold_mode must be one of {_THRESHOLD_MODES}, got {threshold_mode!r}")
+        self.threshold_mode = threshold_mode
+        if kl_thresholds is None:
+            kl_thresholds = (RELATIVE_THRESHOLD if threshold_mode == "relative" else PAPER_THRESHOLD,) * 3
         self.kl_thresholds = _check_thresholds(kl_thresholds)
         if isinstance(num_anchors, bool) or not isinstance(num_anchors, int) or num_anchors < 2:
             raise ConfigError(f"num_anchors must be an int >= 2, got {num_anchors!r}")
@@ -748,6 +805,7 @@ class DiffSeg:
             words = None if self.label_words is None else list(self.label_words)
         return {
             "kl_thresholds": list(self.kl_thresholds),
+            "threshold_mode": self.threshold_mode,
             "num_anchors": self.num_anchors,
             "resolution_weights": None if self.resolution_weights is None else dict(self.resolution_weights),
             "refine": self.refine,
@@ -812,7 +870,9 @@ class DiffSeg:
         if self.num_anchors > grid:
             raise ConfigError(f"num_anchors={self.num_anchors} exceeds the attention grid side {grid}")
         anchors = anchor_grid(self.num_anchors, grid)
-        proposals, per_iteration = _merge(attn, self.kl_thresholds, anchors)
+        unit = anchor_divergence_unit(attn, self.num_anchors) if self.threshold_mode == "relative" else 1.0
+        thresholds = tuple(t * unit for t in self.kl_thresholds)
+        proposals, per_iteration = _merge(attn, thresholds, anchors)
         num_merged = int(proposals.shape[0])
         if self.refine:
             seed = self.random_state
@@ -830,6 +890,8 @@ class DiffSeg:
             "proposals_per_iteration": per_iteration,
             "num_segments": int(order.numel()),
             "grid": grid,
+            "divergence_unit": unit,
+            "effective_kl_thresholds": list(thresholds),
             "num_anchor_points": int(anchors.shape[0]),
             "resolution_weights": {int(r): w for r, w in used_weights},
             "out_size": list(size),

@@ -61,6 +61,12 @@ __all__ = [
 _HAIR_PROMPT = "a photo of a man with detailed hair"  # hair paper
 
 _VARIANTS = ("guided", "cross-only", "diffsegmenter")
+_TAU_MODES = ("relative", "absolute")
+#: The hair paper's absolute selection threshold.
+PAPER_TAU = 0.9
+#: Default selection threshold as a fraction of the image's median divergence ([proposal]; chosen on the toy
+#: world's val split by ``benchmarks/toyworld.py``, checked for transfer across grids on synthetic attention).
+RELATIVE_TAU = 0.5
 _BINARIZE = ("otsu-then-resize", "resize-then-otsu")
 _LAYERS = ("up+mid", "all")
 
@@ -78,8 +84,9 @@ class GuidedSelection:
         mean_map: ``(R, R) float32`` mean of the selected self-attention maps ``M_self`` (sums to 1).
         selected: ``(R, R) bool`` the query positions ``(i, j)`` whose map was averaged (Omega, or the fallback).
         divergence: ``(R, R) float32`` ``D[i, j]``, the symmetric KL between A_cross and ``A_self[i, j]``.
-        fallback: True when no map had ``D < tau`` and the lowest-``D`` maps were used instead.
+        fallback: True when no map had ``D`` below the threshold and the lowest-``D`` maps were used instead.
         num_selected: number of averaged maps (``|Omega|``, or the fallback count).
+        threshold: the divergence threshold applied (``tau``, or ``tau * median(D)`` in relative mode).
     """
 
     mean_map: torch.Tensor
@@ -87,6 +94,7 @@ class GuidedSelection:
     divergence: torch.Tensor
     fallback: bool
     num_selected: int
+    threshold: float = float("nan")
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         # The issue's contract is "(averaged map, boolean selection)"; the rest is read by attribute.
@@ -104,6 +112,7 @@ def guided_selection(
     self_attn: torch.Tensor,
     *,
     tau: float = 0.9,
+    tau_mode: str = "absolute",
     eps: float = 1e-8,
     fallback_fraction: float = 0.01,
 ) -> GuidedSelection:
@@ -112,12 +121,15 @@ def guided_selection(
     Both inputs are L1-normalised as ``(x + eps) / sum(x + eps)``; then
     ``D[i, j] = (KL(A_cross || A_self[i, j]) + KL(A_self[i, j] || A_cross)) / 2`` for all ``(i, j)`` at once with
     :func:`~attnseg.methods.ops.symmetric_kl_matrix` (two matrix products, no per-pixel loop), and
-    ``M_self = mean{A_self[i, j] : D[i, j] < tau}``.
+    ``M_self = mean{A_self[i, j] : D[i, j] < t}`` with ``t = tau`` (``tau_mode="absolute"``, the paper) or
+    ``t = tau * median(D)`` (``"relative"``).
 
     Args:
         cross_map: ``(R, R)`` non-negative target map A_cross (any scale; e.g. a weighted sum of minmaxed maps).
         self_attn: ``(R, R, R, R)`` aggregated self-attention ``A[qy, qx, ky, kx]``, each ``[i, j]`` map sums to 1.
-        tau: divergence threshold (0.9, hair paper).
+        tau: divergence threshold (0.9 absolute, hair paper; see :class:`TargetSegmenter` for the relative default).
+        tau_mode: ``"absolute"`` (the paper's ``D < tau``) or ``"relative"`` (``D < tau * median(D)``: the divergences
+            of one image set their own scale, which grows with the attention grid and the model's sharpness).
         eps: added to every bin before the L1 normalisation (1e-8, [proposal]); > 0.
         fallback_fraction: when no map passes ``tau``, average the ``max(1, round(fraction * R^2))`` lowest-``D``
             maps (0.01, i.e. 41 of 4096 at R = 64; [proposal]).
@@ -137,6 +149,8 @@ def guided_selection(
         )
     if not (isinstance(tau, int | float) and math.isfinite(tau) and tau > 0):
         raise ConfigError(f"tau must be a finite number > 0, got {tau!r}")
+    if tau_mode not in _TAU_MODES:
+        raise ConfigError(f"tau_mode must be one of {_TAU_MODES}, got {tau_mode!r}")
     if not (isinstance(eps, int | float) and math.isfinite(eps) and eps > 0):
         raise ConfigError(f"eps must be a finite number > 0, got {eps!r}")
     if not (isinstance(fallback_fraction, int | float) and 0 < fallback_fraction <= 1):
@@ -149,8 +163,9 @@ def guided_selection(
 
     # Steps 4-5: normalise, then all R^2 distances as one (1, R^2) matrix.
     dist = symmetric_kl_matrix(_l1_normalise(cross, eps), _l1_normalise(flat, eps), eps=eps)[0]
-    # Step 6: Omega = {D < tau}; empty -> the lowest-D maps ([proposal]).
-    selected = dist < tau
+    # Step 6: Omega = {D < t}; empty -> the lowest-D maps ([proposal]).
+    threshold = tau * float(dist.median()) if tau_mode == "relative" else tau
+    selected = dist < threshold
     fallback = not bool(selected.any())
     if fallback:
         k = max(1, min(qh * qw, round(fallback_fraction * qh * qw)))
@@ -164,6 +179,7 @@ def guided_selection(
         divergence=dist.reshape(qh, qw),
         fallback=fallback,
         num_selected=count,
+        threshold=threshold,
     )
 
 
@@ -292,7 +308,12 @@ class TargetSegmenter:
         target: the word or phrase to segment (``"hair"``, hair paper). Must occur in ``prompt``.
         prompt: fixed prompt naming the target. None: the hair paper's ``"a photo of a man with detailed hair"``
             for ``target="hair"``, else ``"a photo of a {target}"`` [proposal].
-        tau: KL threshold for the selection (0.9, hair paper).
+        tau: selection threshold, read as ``tau_mode`` says. Default None: :data:`RELATIVE_TAU` (0.5) in relative
+            mode, the hair paper's 0.9 in absolute mode.
+        tau_mode: ``"relative"`` (default, [proposal]): keep maps with ``D < tau * median(D)``, so the selection means
+            the same at every grid and on every model (divergences grow with the grid and with the model's
+            sharpness: at the toy model's 16 x 16 grid ``D < 0.9`` keeps most maps, at SD's 64 x 64 a few);
+            ``"absolute"``: the paper's ``D < tau`` (with ``tau=0.9``, the ``paper`` preset, reproduces the paper).
         cross_weights: per-resolution weights of the target cross map: a sequence matched coarse-to-fine to the
             resolutions present (default ``(0.3, 0.5, 0.1, 0.1)`` for 8/16/32/64 on SD 1.x, DiffSegmenter's values,
             [proposal] METHODS §4; extra entries are dropped from the fine end), or a mapping ``r -> w`` (missing
@@ -323,7 +344,8 @@ class TargetSegmenter:
         *,
         target: str = "hair",  # hair paper
         prompt: str | None = None,  # hair paper: "a photo of a man with detailed hair"
-        tau: float = 0.9,  # hair paper
+        tau: float | None = None,  # relative: RELATIVE_TAU = 0.5 [proposal]; absolute: 0.9 (hair paper)
+        tau_mode: str = "relative",  # [proposal]; "absolute" = hair paper
         cross_weights: Sequence[float] | Mapping[int, float] = (0.3, 0.5, 0.1, 0.1),  # DiffSegmenter, [proposal]
         layers: str | None = None,  # "up+mid" [proposal]; "all" for the diffsegmenter baseline (its code)
         variant: str = "guided",
@@ -340,8 +362,13 @@ class TargetSegmenter:
         if not isinstance(prompt, str) or not _word_in(prompt, self.target):
             raise ConfigError(f"prompt must contain the target {self.target!r} as a word, got prompt={prompt!r}")
         self.prompt = prompt
+        if tau_mode not in _TAU_MODES:
+            raise ConfigError(f"tau_mode must be one of {_TAU_MODES}, got {tau_mode!r}")
+        self.tau_mode = tau_mode
+        if tau is None:
+            tau = RELATIVE_TAU if tau_mode == "relative" else PAPER_TAU
         if isinstance(tau, bool) or not isinstance(tau, int | float) or not math.isfinite(tau) or tau <= 0:
-            raise ConfigError(f"tau must be a finite number > 0 (default 0.9), got {tau!r}")
+            raise ConfigError(f"tau must be a finite number > 0, got {tau!r}")
         self.tau = float(tau)
         self.cross_weights = self._check_weights(cross_weights)
         if layers is not None and layers not in _LAYERS:
@@ -398,7 +425,8 @@ class TargetSegmenter:
         """The hyper-parameters as a JSON-friendly dict (recorded in every result)."""
         weights = dict(self.cross_weights) if isinstance(self.cross_weights, dict) else list(self.cross_weights)
         return {
-            "target": self.target, "prompt": self.prompt, "tau": self.tau, "cross_weights": weights,
+            "target": self.target, "prompt": self.prompt, "tau": self.tau, "tau_mode": self.tau_mode,
+            "cross_weights": weights,
             "layers": self.layers, "variant": self.variant, "binarize": self.binarize,
             "fallback_fraction": self.fallback_fraction, "eps": self.eps, "timestep": self.timestep,
         }
@@ -484,7 +512,10 @@ class TargetSegmenter:
             attn = aggregate_self_attention(selfs)
             grid = (int(attn.shape[0]), int(attn.shape[1]))
             a_cross = aggregate_target_cross(cross, span.indices, weights, grid, grids=grids).to(attn.device)
-            sel = guided_selection(a_cross, attn, tau=self.tau, eps=self.eps, fallback_fraction=self.fallback_fraction)
+            sel = guided_selection(
+                a_cross, attn, tau=self.tau, tau_mode=self.tau_mode, eps=self.eps,
+                fallback_fraction=self.fallback_fraction,
+            )
             del attn
             raw = sel.mean_map
             d = sel.divergence.reshape(-1)
@@ -492,6 +523,7 @@ class TargetSegmenter:
                 "num_selected": sel.num_selected, "fallback": sel.fallback,
                 "fallback_count": sel.num_selected if sel.fallback else 0,
                 "divergence_min": float(d.min()), "divergence_median": float(d.median()),
+                "divergence_threshold": sel.threshold,
             })
         elif self.variant == "cross-only":
             r_max = max(cross, key=lambda r: grids[r][0] * grids[r][1])
