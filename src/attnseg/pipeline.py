@@ -46,6 +46,9 @@ class AttentionSegmentationPipeline:
         adapter: a model adapter (see :func:`attnseg.load_model`).
         method: a :class:`~attnseg.methods.base.Segmenter` or a registered method name.
         mode: capture mode, ``"reuse"`` (fast) or ``"beside"`` (bit-identical model outputs).
+        preset: when ``method`` is a name, ``"family"`` (default) applies the adapter's recommended settings for
+            it (hyper-parameters and run options such as the input size), ``"paper"`` the paper's exact settings;
+            see :mod:`attnseg.presets`. Keywords given here win over either.
         **method_kwargs: hyper-parameters when ``method`` is a name.
 
     Example:
@@ -60,12 +63,20 @@ class AttentionSegmentationPipeline:
         method: Segmenter | str = "diffseg",
         *,
         mode: Literal["reuse", "beside"] = "reuse",
+        preset: str = "family",
         **method_kwargs: Any,
     ) -> None:
+        from attnseg.presets import ResolvedSettings, resolve_settings
+
         if isinstance(method, str):
-            method = create_method(method, **method_kwargs)
+            self.settings = resolve_settings(
+                method, getattr(adapter, "recommended", None), preset=preset, params=method_kwargs
+            )
+            method = create_method(method, **self.settings.params)
         elif method_kwargs:
             raise ConfigError("hyper-parameters are given to the method's constructor, not with a method instance")
+        else:
+            self.settings = ResolvedSettings(method=method.name, preset="instance")
         self.adapter = adapter
         self.method = method
         self.mode = mode
@@ -73,15 +84,24 @@ class AttentionSegmentationPipeline:
     @classmethod
     def from_pretrained(
         cls, model: str, method: Segmenter | str = "diffseg", *, dtype: str | torch.dtype = "float32",
-        device: str = "cpu", **method_kwargs: Any,
+        device: str = "cpu", preset: str = "family", **method_kwargs: Any,
     ) -> AttentionSegmentationPipeline:
         from attnseg.models.loading import load_model
 
-        return cls(load_model(model, dtype=dtype, device=device), method, **method_kwargs)
+        return cls(load_model(model, dtype=dtype, device=device), method, preset=preset, **method_kwargs)
 
     def options(self, **overrides: Any) -> RunOptions:
-        """The method's run options with non-None ``overrides`` applied."""
-        return replace(self.method.run_options(), **{k: v for k, v in overrides.items() if v is not None})
+        """The method's run options, then the preset's (:attr:`settings`), then non-None ``overrides``."""
+        preset = {k: v for k, v in self.settings.run.items() if k != "size"}
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return replace(self.method.run_options(), **{**preset, **given})
+
+    def input_size(self, size: tuple[int, int] | None = None) -> tuple[int, int]:
+        """The model input ``(H, W)``: ``size``, else the preset's, else the adapter's resolution."""
+        if size is not None:
+            return (int(size[0]), int(size[1]))
+        preset = self.settings.run.get("size")
+        return (int(preset[0]), int(preset[1])) if preset is not None else tuple(self.adapter.resolution)
 
     def capture(self, image: Any, **kwargs: Any) -> tuple[AttentionStore, Image.Image]:
         """One denoiser pass over ``image`` with the method's layers captured (keywords as :meth:`run`).
@@ -105,7 +125,7 @@ class AttentionSegmentationPipeline:
     ) -> tuple[AttentionStore, Image.Image, Prompt]:
         opts = self.options(prompt=prompt, timestep=timestep, add_noise=add_noise)
         adapter = self.adapter
-        size = size or adapter.resolution
+        size = self.input_size(size)
         pil = load_image(image, min_size=1)
         pixels = adapter.preprocess(pil, size)
         if generator is None and seed is not None:
@@ -152,7 +172,7 @@ class AttentionSegmentationPipeline:
             store_path: also save the captured attention there.
             prompt, timestep, add_noise: override the method's run options.
             seed, generator: every random draw (posterior sample, noise).
-            size: ``(H, W)`` model input size (default: the adapter's resolution).
+            size: ``(H, W)`` model input size (default: the preset's, else the adapter's resolution).
         """
         store, shown, encoded = self._capture(image, **kwargs)
         if store_path is not None:

@@ -600,8 +600,9 @@ def test_diffseg_semantic_labels_from_cross_attention() -> None:
 def test_diffseg_errors_on_bad_store() -> None:
     with pytest.raises(ConfigError, match="no self-attention"):
         DiffSeg().segment(FakeStore({}))
-    with pytest.raises(ConfigError, match="num_anchors"):
-        DiffSeg(num_anchors=16).segment(FakeStore(region_maps(REGIONS_16, (8,))))
+    # An 8 x 8 grid is smaller than the 16 x 16 anchor grid: every position becomes an anchor.
+    small = DiffSeg(num_anchors=16).segment(FakeStore(region_maps(REGIONS_16, (8,))))
+    assert small.meta["num_anchors_per_side"] == 8 and small.meta["num_anchor_points"] == 64
     with pytest.raises(ConfigError, match="square"):
         DiffSeg(num_anchors=2).segment(FakeStore({4: torch.full((12, 12), 1 / 12)}))
 

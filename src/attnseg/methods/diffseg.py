@@ -683,7 +683,8 @@ class DiffSeg:
         threshold_mode: ``"relative"`` (default): a threshold ``tau`` merges maps with ``D < tau * u``, ``u`` the
             image's median divergence between neighbouring anchors (:func:`anchor_divergence_unit`), so one
             setting works at every resolution and on every model; ``"absolute"``: ``D < tau`` as in the reference.
-        num_anchors: anchors per side of the anchor grid (reference ``NUM_POINTS = 16``: 256 anchors).
+        num_anchors: anchors per side of the anchor grid (reference ``NUM_POINTS = 16``: 256 anchors); a smaller
+            attention grid uses every position as an anchor.
         resolution_weights: resolution -> weight; ``None`` for weights proportional to resolution (reference
             ``get_weight_rato``). Normalised to sum 1.
         refine: K-means refinement (step 8). Reference: off in the benchmarks (default here), on in the demo.
@@ -703,6 +704,10 @@ class DiffSeg:
 
     name: ClassVar[str] = "diffseg"
     requires: ClassVar[frozenset[AttentionKind]] = frozenset({"self"})
+    #: With :meth:`run_options` (the reference pass), the settings that reproduce the paper's code exactly.
+    paper_preset: ClassVar[dict[str, Any]] = {"threshold_mode": "absolute", "kl_thresholds": (PAPER_THRESHOLD,) * 3}
+    #: A mode given by the user drops a preset's thresholds, which were meant for the other mode.
+    preset_links: ClassVar[dict[str, tuple[str, ...]]] = {"threshold_mode": ("kl_thresholds",)}
 
     def __init__(
         self,
@@ -867,10 +872,10 @@ class DiffSeg:
             raise ConfigError("the store holds no self-attention; capture the layers chosen by select_layers()")
         attn, used_weights = _aggregate(self_maps, self.resolution_weights)
         grid = int(attn.shape[0])
-        if self.num_anchors > grid:
-            raise ConfigError(f"num_anchors={self.num_anchors} exceeds the attention grid side {grid}")
-        anchors = anchor_grid(self.num_anchors, grid)
-        unit = anchor_divergence_unit(attn, self.num_anchors) if self.threshold_mode == "relative" else 1.0
+        # A grid smaller than the anchor grid (a small model or input) takes every position as an anchor.
+        num_anchors = min(self.num_anchors, grid)
+        anchors = anchor_grid(num_anchors, grid)
+        unit = anchor_divergence_unit(attn, num_anchors) if self.threshold_mode == "relative" else 1.0
         thresholds = tuple(t * unit for t in self.kl_thresholds)
         proposals, per_iteration = _merge(attn, thresholds, anchors)
         num_merged = int(proposals.shape[0])
@@ -893,6 +898,7 @@ class DiffSeg:
             "divergence_unit": unit,
             "effective_kl_thresholds": list(thresholds),
             "num_anchor_points": int(anchors.shape[0]),
+            "num_anchors_per_side": num_anchors,
             "resolution_weights": {int(r): w for r, w in used_weights},
             "out_size": list(size),
         }

@@ -338,6 +338,10 @@ class TargetSegmenter:
 
     name: ClassVar[str] = "target"
     requires: ClassVar[frozenset[AttentionKind]] = frozenset({"self", "cross"})
+    #: With :meth:`run_options` (the reference pass), the settings that reproduce the hair paper.
+    paper_preset: ClassVar[dict[str, Any]] = {"tau_mode": "absolute", "tau": PAPER_TAU}
+    #: A mode given by the user drops a preset's ``tau``, which was meant for the other mode.
+    preset_links: ClassVar[dict[str, tuple[str, ...]]] = {"tau_mode": ("tau",)}
 
     def __init__(
         self,
