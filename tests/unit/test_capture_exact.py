@@ -1,0 +1,207 @@
+"""The capture processor against literal attention (``tests/reference/capture_literal.py``), block by block.
+
+A stand-alone diffusers ``Attention`` module (self and cross, with and without the module's own scale, with an
+attention mask) is called once under a :class:`CaptureProcessor`; the probabilities the store receives are compared
+with ``softmax(q k^T * scale)`` computed one row at a time in float64, for several block sizes (whole heads, one head
+and 16 query rows at a time). A module with a custom processor (as LoRA or IP-Adapter install) keeps that processor's
+output under capture, in both modes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+
+from attnseg.capture.processor import CaptureProcessor
+from attnseg.capture.store import AttentionStore
+from attnseg.types import LayerInfo
+
+torch.set_num_threads(1)
+
+
+def _load(name: str) -> ModuleType:
+    path = Path(__file__).resolve().parents[1] / "reference" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+lit = _load("capture_literal")
+
+GRID = (5, 6)  # 30 queries: blocks of 16 rows leave a short last block
+HEADS, DIM = 3, 4
+CONTEXT, CONTEXT_DIM = 7, 10
+
+
+class Shifted(AttnProcessor2_0):
+    """A custom processor whose output differs from the plain one (as a LoRA or IP-Adapter processor's does)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *a, **k):
+        out = super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *a, **k)
+        return 1.5 * out + 0.25
+
+
+def module(kind: str, seed: int = 0) -> Attention:
+    torch.manual_seed(seed)
+    cross = CONTEXT_DIM if kind == "cross" else None
+    attn = Attention(query_dim=HEADS * DIM, cross_attention_dim=cross, heads=HEADS, dim_head=DIM, bias=False)
+    return attn.eval()
+
+
+def inputs(kind: str, seed: int = 1, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor | None]:
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(batch, GRID[0] * GRID[1], HEADS * DIM, generator=g)
+    context = torch.randn(batch, CONTEXT, CONTEXT_DIM, generator=g) if kind == "cross" else None
+    return hidden, context
+
+
+def info(kind: str) -> LayerInfo:
+    return LayerInfo("m", kind, GRID, heads=HEADS, head_dim=DIM, position="up", index=0, block="b")  # type: ignore[arg-type]
+
+
+class Recorder:
+    """A sink that keeps every block it gets (and the query slices), then the assembled maps."""
+
+    def __init__(self) -> None:
+        self.blocks: list[tuple[slice, slice, torch.Tensor, torch.Tensor | None]] = []
+        self.calls = 0
+
+    def add_chunk(self, layer, probs, heads, out=None, *, queries=slice(None)):
+        self.blocks.append((heads, queries, probs.clone(), None if out is None else out.clone()))
+
+    def end_call(self, layer):
+        self.calls += 1
+
+    def assembled(self, b: int, n: int, m: int) -> torch.Tensor:
+        full = torch.full((b, HEADS, n, m), float("nan"))
+        for heads, queries, probs, _ in self.blocks:
+            full[:, heads, queries] = probs
+        return full
+
+
+def run(attn: Attention, proc, hidden, context, mask=None) -> torch.Tensor:
+    attn.set_processor(proc)
+    with torch.no_grad():
+        return attn(hidden, encoder_hidden_states=context, attention_mask=mask)
+
+
+@pytest.mark.parametrize("kind", ["self", "cross"])
+@pytest.mark.parametrize("original", [AttnProcessor, AttnProcessor2_0])
+# one self-attention row of one head is 2 items x 30 keys x 4 bytes = 240 bytes; a block holds at least 16 rows
+@pytest.mark.parametrize("chunk_bytes", [1, 2 * 16 * 240, 2**30], ids=["1-head-16-rows", "2-heads-16-rows", "all"])
+def test_blocks_hold_the_literal_probabilities(kind, original, chunk_bytes):
+    attn = module(kind)
+    hidden, context = inputs(kind)
+    sink = Recorder()
+    plain = run(attn, original(), hidden, context)
+    hooked = run(attn, CaptureProcessor(original(), info(kind), sink, chunk_bytes=chunk_bytes), hidden, context)
+    m = CONTEXT if kind == "cross" else GRID[0] * GRID[1]
+    got = sink.assembled(2, GRID[0] * GRID[1], m)
+    expected = lit.attention_literal(hidden, hidden if context is None else context, attn.to_q.weight,
+                                     attn.to_k.weight, HEADS)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+    assert sink.calls == 1
+    torch.testing.assert_close(hooked, plain, rtol=1e-5, atol=1e-6)
+    # block sizes as asked: one head and 16 rows, two heads (all rows), or everything at once
+    sizes = {(h.stop - h.start, q.stop - q.start) for h, q, _, _ in sink.blocks}
+    want = {1: {(1, 16), (1, 14)}, 7680: {(2, 16), (2, 14), (1, 16), (1, 14)}, 2**30: {(3, 30)}}[chunk_bytes]
+    if kind == "cross":  # rows of 7 keys (56 bytes): 7680 bytes hold 3 heads x 45 rows
+        want = {1: {(1, 16), (1, 14)}, 7680: {(3, 30)}, 2**30: {(3, 30)}}[chunk_bytes]
+    assert sizes == want
+
+
+def test_module_scale_and_mask_are_applied():
+    attn = module("cross")
+    attn.scale = 0.9  # AttnProcessor uses the module's scale; AttnProcessor2_0 leaves it to SDPA (1/sqrt(d))
+    hidden, context = inputs("cross")
+    mask = torch.zeros(2, 1, CONTEXT)  # an additive bias per key, as the UNet makes of an encoder mask
+    mask[0, :, 5:] = -1e4  # the first item may not look at its last two tokens
+    mask[1, :, 0] = -2.0
+    for original, scale in ((AttnProcessor, 0.9), (AttnProcessor2_0, None)):
+        sink = Recorder()
+        plain = run(attn, original(), hidden, context, mask)
+        hooked = run(attn, CaptureProcessor(original(), info("cross"), sink, chunk_bytes=1), hidden, context, mask)
+        expected = lit.attention_literal(hidden, context, attn.to_q.weight, attn.to_k.weight, HEADS, scale=scale,
+                                         mask=mask[:, 0])
+        torch.testing.assert_close(sink.assembled(2, 30, CONTEXT).double(), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(hooked, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_outputs_passed_to_the_sink_are_each_heads_probs_times_values():
+    attn = module("cross")
+    hidden, context = inputs("cross")
+    sink = Recorder()
+    run(attn, CaptureProcessor(AttnProcessor2_0(), info("cross"), sink, chunk_bytes=1, want_outputs=True), hidden,
+        context)
+    v = (context.double() @ attn.to_v.weight.double().T).view(2, CONTEXT, HEADS, DIM).transpose(1, 2)
+    for heads, queries, probs, out in sink.blocks:
+        assert out is not None
+        torch.testing.assert_close(out.double(), probs.double() @ v[:, heads], rtol=1e-5, atol=1e-6)
+    no_outputs = Recorder()
+    run(attn, CaptureProcessor(AttnProcessor2_0(), info("cross"), no_outputs, chunk_bytes=1), hidden, context)
+    assert all(out is None for *_, out in no_outputs.blocks)
+
+
+@pytest.mark.parametrize("kind", ["self", "cross"])
+@pytest.mark.parametrize("mode", ["reuse", "beside"])
+def test_a_custom_processor_keeps_its_output_under_capture(kind, mode):
+    """The module's own processor computes the output (beside), and its effect is not lost."""
+    attn = module(kind)
+    hidden, context = inputs(kind)
+    plain = run(attn, AttnProcessor2_0(), hidden, context)
+    custom = run(attn, Shifted(), hidden, context)
+    assert not torch.allclose(custom, plain, atol=1e-3)  # the custom effect is real
+    store = AttentionStore(heads="all")
+    proc = CaptureProcessor(Shifted(), info(kind), store, mode=mode, chunk_bytes=1)
+    assert proc.mode == "beside"
+    hooked = run(attn, proc, hidden, context)
+    assert torch.equal(hooked, custom)
+    expected = lit.attention_literal(hidden, hidden if context is None else context, attn.to_q.weight,
+                                     attn.to_k.weight, HEADS)
+    torch.testing.assert_close(store.get("m", None).double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_plain_processor_in_beside_mode_is_bit_identical():
+    attn = module("self")
+    hidden, _ = inputs("self")
+    plain = run(attn, AttnProcessor2_0(), hidden, None)
+    store = AttentionStore()
+    hooked = run(attn, CaptureProcessor(AttnProcessor2_0(), info("self"), store, mode="beside"), hidden, None)
+    assert torch.equal(hooked, plain)
+    expected = lit.head_mean_literal(lit.attention_literal(hidden, hidden, attn.to_q.weight, attn.to_k.weight, HEADS))
+    torch.testing.assert_close(store.get("m", None).double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_tracer_keeps_a_custom_processor_on_the_model(tiny_adapter):
+    """Through the tracer on a model: the custom processor's effect survives and it is put back afterwards."""
+    from attnseg.capture.tracer import AttentionTracer
+
+    adapter = tiny_adapter
+    name = next(n for n, i in adapter.attention_layers().items() if i.kind == "self")
+    mod = adapter.denoiser.get_submodule(name)
+    original = mod.processor
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn((1, 4, *adapter.latent_size()), generator=g)
+    prompt = adapter.encode_prompt("a cat")
+    with torch.no_grad():
+        plain = adapter.denoise(latents, 300, prompt)
+        custom_proc = Shifted()
+        mod.set_processor(custom_proc)
+        try:
+            custom = adapter.denoise(latents, 300, prompt)
+            assert not torch.allclose(custom, plain, atol=1e-4)
+            for mode in ("reuse", "beside"):
+                with AttentionTracer(adapter, select=[name], mode=mode) as tracer:
+                    hooked = adapter.denoise(latents, 300, prompt)
+                assert torch.equal(hooked, custom)
+                assert mod.processor is custom_proc
+                assert tracer.store.get(name).shape == (adapter.attention_layers()[name].num_tokens,) * 2
+        finally:
+            mod.set_processor(original)
