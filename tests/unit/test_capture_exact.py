@@ -141,7 +141,7 @@ def test_outputs_passed_to_the_sink_are_each_heads_probs_times_values():
     run(attn, CaptureProcessor(AttnProcessor2_0(), info("cross"), sink, chunk_bytes=1, want_outputs=True), hidden,
         context)
     v = (context.double() @ attn.to_v.weight.double().T).view(2, CONTEXT, HEADS, DIM).transpose(1, 2)
-    for heads, queries, probs, out in sink.blocks:
+    for heads, _, probs, out in sink.blocks:
         assert out is not None
         torch.testing.assert_close(out.double(), probs.double() @ v[:, heads], rtol=1e-5, atol=1e-6)
     no_outputs = Recorder()
