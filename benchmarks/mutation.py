@@ -263,6 +263,14 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _summary(groups: list[dict[str, Any]], version: str, args: argparse.Namespace, wall: float) -> dict[str, Any]:
+    total = {k: sum(g[k] for g in groups) for k in ("in_scope", "killed", "survived", "equivalent", "not run")}
+    total["run"] = sum(g["sampled"] - g["not run"] for g in groups)
+    total["survival_rate"] = total["survived"] / total["run"] if total["run"] else 0.0
+    return {"mutmut": version, "seed": args.seed, "sample": args.sample, "jobs": args.jobs,
+            "wall_seconds": round(wall, 1), "total": total, "groups": groups}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--groups", default=",".join(g.name for g in GROUPS), help="comma-separated group names")
@@ -288,16 +296,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     equivalents = json.loads(EQUIVALENTS.read_text(encoding="utf-8")) if EQUIVALENTS.is_file() else {}
     start = time.perf_counter()
-    groups = [run_group(known[g], sample=args.sample, seed=args.seed, jobs=args.jobs,
-                        workdir=args.workdir / g, equivalents=equivalents) for g in wanted]
-    total = {k: sum(g[k] for g in groups) for k in ("in_scope", "killed", "survived", "equivalent", "not run")}
-    total["run"] = sum(g["sampled"] - g["not run"] for g in groups)
-    total["survival_rate"] = total["survived"] / total["run"] if total["run"] else 0.0
-    report = {"mutmut": mutmut_version, "seed": args.seed, "sample": args.sample, "jobs": args.jobs,
-              "wall_seconds": round(time.perf_counter() - start, 1), "total": total, "groups": groups}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    args.out.with_suffix(".md").write_text(render(report), encoding="utf-8")
+    groups: list[dict[str, Any]] = []
+    for g in wanted:  # the results files are rewritten after every group, so a stopped run keeps what it did
+        groups.append(run_group(known[g], sample=args.sample, seed=args.seed, jobs=args.jobs,
+                                workdir=args.workdir / g, equivalents=equivalents))
+        report = _summary(groups, mutmut_version, args, time.perf_counter() - start)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        args.out.with_suffix(".md").write_text(render(report), encoding="utf-8")
+    total = report["total"]
     print(f"survival rate {100 * total['survival_rate']:.1f} % ({total['survived']} of {total['run']} mutants "
           f"survived, {total['equivalent']} equivalent); {args.out} and {args.out.with_suffix('.md')}")
     return 0

@@ -241,3 +241,18 @@ def test_save_and_load_keep_sums_counts_and_features(tmp_path):
     check(loaded.get("l.attn1"), lit.store_mean_literal(calls, "all")[0], torch.float64)
     torch.testing.assert_close(loaded.features["f"], torch.full((1, 2, 3), 2.0))
     assert loaded._feature_counts == {"f": 2} and loaded._entries["l.attn1"].count == 2
+
+
+def test_read_errors_name_what_is_stored_and_grid_finds_the_resolution():
+    from attnseg.errors import AttnSegError
+
+    store = AttentionStore(group="resolution")
+    with pytest.raises(AttnSegError, match="stored: none"):
+        store.get("self/2x3")
+    feed(store, layer(grid=(2, 3)), probs(1, 4, 6, 6, 0))
+    feed(store, layer("c.attn2", kind="cross", grid=(4, 1)), probs(1, 4, 4, 7, 1))
+    with pytest.raises(AttnSegError, match=r"stored: self/2x3, cross/4x1$"):
+        store.get("x")
+    assert store.grid(3) == (2, 3) and store.grid(4) == (4, 1)
+    with pytest.raises(AttnSegError, match="resolution 2"):
+        store.grid(2)
