@@ -186,8 +186,13 @@ def results_of(workdir: Path, files: Sequence[str], names: Sequence[str]) -> dic
 
 
 def run_group(group: Group, *, sample: int, seed: int, jobs: int, workdir: Path,
-              equivalents: dict[str, str]) -> dict[str, Any]:
-    _prepare(group, workdir)
+              equivalents: dict[str, str], collect: bool = False) -> dict[str, Any]:
+    """Run one group (``collect``: only read the results of an earlier run in ``workdir`` again, e.g. after
+    recording equivalents)."""
+    if not collect:
+        _prepare(group, workdir)
+    elif not (workdir / "mutants").is_dir():
+        raise SystemExit(f"no earlier run of group {group.name} in {workdir}")
     everything = list_mutants(workdir, group.files)
     in_scope = [n for n in everything if any(fnmatch.fnmatch(_function(n), f"*{g}" if not g.startswith("attnseg")
                                                              else g) for g in group.functions)
@@ -199,12 +204,18 @@ def run_group(group: Group, *, sample: int, seed: int, jobs: int, workdir: Path,
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     start = time.perf_counter()
     log = workdir / "mutmut.log"
-    with open(log, "w", encoding="utf-8") as f:
-        proc = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs), *chosen],
-                              cwd=workdir, env=env, stdout=f, stderr=subprocess.STDOUT, check=False)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"mutmut failed for group {group.name} (exit {proc.returncode}); see {log}")
+    wall_file = workdir / "wall_seconds.txt"
+    if not collect:
+        with open(log, "w", encoding="utf-8") as f:
+            proc = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs), *chosen],
+                                  cwd=workdir, env=env, stdout=f, stderr=subprocess.STDOUT, check=False)
+        if proc.returncode != 0:
+            raise SystemExit(f"mutmut failed for group {group.name} (exit {proc.returncode}); see {log}")
+        wall_file.write_text(f"{time.perf_counter() - start:.1f}\n")
+    if wall_file.is_file():
+        wall = float(wall_file.read_text())
+    else:  # from the files' times: the scratch copy was written just before mutmut started, its log at the end
+        wall = (log.stat().st_mtime - (workdir / "pyproject.toml").stat().st_mtime) if log.is_file() else float("nan")
     res = results_of(workdir, group.files, chosen)
     counts = {"killed": 0, "survived": 0, "equivalent": 0, "not run": 0}
     survivors = []
@@ -267,8 +278,9 @@ def _summary(groups: list[dict[str, Any]], version: str, args: argparse.Namespac
     total = {k: sum(g[k] for g in groups) for k in ("in_scope", "killed", "survived", "equivalent", "not run")}
     total["run"] = sum(g["sampled"] - g["not run"] for g in groups)
     total["survival_rate"] = total["survived"] / total["run"] if total["run"] else 0.0
+    wall_total = sum(g["wall_seconds"] for g in groups) if args.collect else wall
     return {"mutmut": version, "seed": args.seed, "sample": args.sample, "jobs": args.jobs,
-            "wall_seconds": round(wall, 1), "total": total, "groups": groups}
+            "wall_seconds": round(wall_total, 1), "total": total, "groups": groups}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -279,6 +291,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=ROOT / "out" / "mutation")
     parser.add_argument("--out", type=Path, default=RESULTS / "mutation.json")
+    parser.add_argument("--collect", action="store_true",
+                        help="do not run: read the results of the last run in --workdir again (e.g. after recording "
+                             "equivalents)")
     args = parser.parse_args(argv)
     wanted = [g.strip() for g in args.groups.split(",") if g.strip()]
     known = {g.name: g for g in GROUPS}
@@ -299,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     groups: list[dict[str, Any]] = []
     for g in wanted:  # the results files are rewritten after every group, so a stopped run keeps what it did
         groups.append(run_group(known[g], sample=args.sample, seed=args.seed, jobs=args.jobs,
-                                workdir=args.workdir / g, equivalents=equivalents))
+                                workdir=args.workdir / g, equivalents=equivalents, collect=args.collect))
         report = _summary(groups, mutmut_version, args, time.perf_counter() - start)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
