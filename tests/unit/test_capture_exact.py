@@ -205,3 +205,59 @@ def test_tracer_keeps_a_custom_processor_on_the_model(tiny_adapter):
                 assert tracer.store.get(name).shape == (adapter.attention_layers()[name].num_tokens,) * 2
         finally:
             mod.set_processor(original)
+
+
+@pytest.mark.parametrize("mode", ["reuse", "beside"])
+def test_vae_style_module_with_4d_input_group_norm_spatial_norm_and_residual(mode):
+    """A module with every optional part (4-D input, group norm, spatial norm fed by ``temb``, residual, output
+    rescale): the hooked output equals the plain one, and the maps are those of the normalised input."""
+    torch.manual_seed(3)
+    heads, c = 2, 32  # spatial norm's group norm has 32 groups
+    attn = Attention(query_dim=c, heads=heads, dim_head=c // heads, bias=True, norm_num_groups=4, spatial_norm_dim=5,
+                     residual_connection=True, rescale_output_factor=2.0).eval()
+    layer = LayerInfo("m", "self", GRID, heads=heads, head_dim=c // heads, position="mid", index=0, block="b")
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(2, c, *GRID, generator=g)
+    temb = torch.randn(2, 5, 2, 3, generator=g)
+    attn.set_processor(AttnProcessor2_0())
+    with torch.no_grad():
+        plain = attn(hidden, temb=temb)
+        store = AttentionStore(heads="all")
+        proc = CaptureProcessor(AttnProcessor2_0(), layer, store, mode=mode, chunk_bytes=1)
+        assert proc.mode == mode
+        attn.set_processor(proc)
+        hooked = attn(hidden, temb=temb)
+        normed = attn.spatial_norm(hidden, temb).flatten(2).transpose(1, 2)
+        normed = attn.group_norm(normed.transpose(1, 2)).transpose(1, 2)
+    assert hooked.shape == hidden.shape
+    if mode == "beside":
+        assert torch.equal(hooked, plain)
+    torch.testing.assert_close(hooked, plain, rtol=1e-5, atol=1e-5)
+    w_q = attn.to_q.weight
+    q_bias = attn.to_q.bias.detach().double()
+    k_bias = attn.to_k.bias.detach().double()
+    # biases folded in as an extra input channel of ones
+    ones = torch.ones(*normed.shape[:2], 1)
+    x = torch.cat([normed, ones], -1)
+    expected = lit.attention_literal(x, x, torch.cat([w_q, q_bias[:, None].float()], 1),
+                                     torch.cat([attn.to_k.weight, k_bias[:, None].float()], 1), heads)
+    torch.testing.assert_close(store.get("m", None).double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_beside_mode_passes_the_mask_and_temb_to_the_original_processor():
+    attn = module("cross")
+    hidden, context = inputs("cross")
+    mask = torch.zeros(2, 1, CONTEXT)
+    mask[0, :, 4:] = -1e4
+    plain = run(attn, Shifted(), hidden, context, mask)
+    assert not torch.allclose(plain, run(attn, Shifted(), hidden, context), atol=1e-3)  # the mask matters
+    store = AttentionStore()
+    hooked = run(attn, CaptureProcessor(Shifted(), info("cross"), store), hidden, context, mask)
+    assert torch.equal(hooked, plain)
+
+
+def test_plain_processors_keep_the_mode_asked_for():
+    for original in (AttnProcessor(), AttnProcessor2_0()):
+        assert CaptureProcessor(original, info("self"), AttentionStore()).mode == "reuse"
+        assert CaptureProcessor(original, info("self"), AttentionStore(), mode="beside").mode == "beside"
+    assert CaptureProcessor(Shifted(), info("self"), AttentionStore(), mode="reuse").mode == "beside"
