@@ -261,3 +261,55 @@ def test_plain_processors_keep_the_mode_asked_for():
         assert CaptureProcessor(original, info("self"), AttentionStore()).mode == "reuse"
         assert CaptureProcessor(original, info("self"), AttentionStore(), mode="beside").mode == "beside"
     assert CaptureProcessor(Shifted(), info("self"), AttentionStore(), mode="reuse").mode == "beside"
+
+
+class WholeHeads:
+    """A sink whose ``add_chunk`` takes no ``queries``: it must get every query row of a head at once."""
+
+    def __init__(self) -> None:
+        self.blocks: list[tuple[slice, torch.Tensor, torch.Tensor | None]] = []
+
+    def add_chunk(self, layer, probs, heads, out=None):
+        self.blocks.append((heads, probs.clone(), None if out is None else out.clone()))
+
+    def end_call(self, layer):
+        pass
+
+
+@pytest.mark.parametrize("want_outputs", [True, False])
+def test_sinks_without_query_blocks_get_whole_heads_with_their_outputs(want_outputs):
+    attn = module("cross")
+    hidden, context = inputs("cross")
+    sink = WholeHeads()
+    run(attn, CaptureProcessor(AttnProcessor2_0(), info("cross"), sink, chunk_bytes=1, want_outputs=want_outputs),
+        hidden, context)
+    expected = lit.attention_literal(hidden, context, attn.to_q.weight, attn.to_k.weight, HEADS)
+    v = (context.double() @ attn.to_v.weight.double().T).view(2, CONTEXT, HEADS, DIM).transpose(1, 2)
+    assert [(h.start, h.stop) for h, _, _ in sink.blocks] == [(0, 1), (1, 2), (2, 3)]
+    for heads, probs, out in sink.blocks:
+        assert probs.shape[2] == GRID[0] * GRID[1]
+        torch.testing.assert_close(probs.double(), expected[:, heads], rtol=1e-5, atol=1e-6)
+        if want_outputs:
+            assert out is not None
+            torch.testing.assert_close(out.double(), probs.double() @ v[:, heads], rtol=1e-5, atol=1e-6)
+        else:
+            assert out is None
+
+
+def test_upcast_attention_computes_scores_in_float32():
+    """A bf16 module with ``upcast_attention``: scores from the bf16 projections in float32 (bf16 scores would be
+    off by about 1e-2)."""
+    torch.manual_seed(5)
+    attn = Attention(query_dim=HEADS * DIM, heads=HEADS, dim_head=DIM, bias=False, upcast_attention=True)
+    attn = attn.eval().to(torch.bfloat16)
+    hidden, _ = inputs("self")
+    hidden = (4 * hidden).to(torch.bfloat16)  # large scores, so that bf16 rounding of them would show
+    sink = Recorder()
+    run(attn, CaptureProcessor(AttnProcessor(), info("self"), sink, chunk_bytes=2**30), hidden, None)
+    with torch.no_grad():
+        q = attn.to_q(hidden).view(2, -1, HEADS, DIM).transpose(1, 2)
+        k = attn.to_k(hidden).view(2, -1, HEADS, DIM).transpose(1, 2)
+    q = (q * attn.scale).double()  # the processor scales q in bf16, then multiplies in float32
+    scores = q @ k.double().transpose(-1, -2)
+    expected = torch.softmax(scores, -1)
+    torch.testing.assert_close(sink.assembled(2, 30, 30).double(), expected, rtol=1e-4, atol=1e-5)
