@@ -67,7 +67,7 @@ GROUPS: tuple[Group, ...] = (
     Group("processor", ("src/attnseg/capture/processor.py",), ("*",),
           ("tests/unit/test_capture_exact.py", "tests/unit/test_capture_properties.py")),
     Group("ops", ("src/attnseg/methods/ops.py",), ("*",),
-          ("tests/unit/test_diffseg.py", "tests/unit/test_goca.py", "-k", f"not ({_GOCA_SLOW.replace('not ', '')})"),
+          ("tests/unit/test_ops.py", "tests/unit/test_diffseg.py", "tests/unit/test_goca.py", "-k", _GOCA_SLOW),
           exclude=("*available_memory_bytes*", "*check_memory*"),
           notes="the memory checks (environment-dependent) are left out"),
     Group("diffseg", ("src/attnseg/methods/diffseg.py",),
