@@ -1,11 +1,12 @@
 # attnseg: `make demo` runs the offline demo, `make test` runs the test suite.
-# Both create .venv and install torch 2.13.0 (CPU wheel) first when needed.
+# `make mutation` runs mutation testing of the core (slow; not part of `make test`).
+# All of them create .venv and install torch 2.13.0 (CPU wheel) first when needed.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.attnseg-installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench mutation clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +27,11 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/capture_overhead.py
 	$(PY) benchmarks/diffseg_postprocess.py
+
+# Mutation testing of the numeric core (about 40 minutes on 2 cores with the default sample; see benchmarks/mutation.py).
+mutation: $(STAMP)
+	$(PY) -m pip install -q "mutmut>=3.8,<4"
+	$(PY) benchmarks/mutation.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache

@@ -7,10 +7,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(1)  # CI machines have 2 cores; one thread keeps timings stable
+
+# Property tests: the same few examples on every run (derandomised, no example database), no per-example deadline
+# (a loaded machine must not fail a test). HYPOTHESIS_PROFILE=thorough tries many more.
+settings.register_profile(
+    "ci", max_examples=20, deadline=None, derandomize=True, database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile("thorough", parent=settings.get_profile("ci"), max_examples=500)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(scope="session")

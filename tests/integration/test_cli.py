@@ -40,7 +40,7 @@ def test_segment_images_and_folder(tiny_sd_dir, rgb_image, tmp_path):
     second = rgb_image.parent / "second.jpg"
     Image.open(rgb_image).save(second)
     res = _run("segment", rgb_image.parent, "--model", tiny_sd_dir, "--out", out, "--json", "--save-store",
-               "-P", "kl_thresholds=0.9,0.9,0.9", "-P", "num_anchors=4")
+               "-P", "kl_thresholds=0.9,0.9,0.9", "-P", "threshold_mode=absolute", "-P", "num_anchors=4")
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)
     assert [e["image"] for e in summary["images"]] == [str(second), str(rgb_image)]  # folder order: sorted

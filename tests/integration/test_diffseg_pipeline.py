@@ -42,7 +42,7 @@ def test_diffseg_recovers_regions_from_a_real_store(tmp_path):
             layer = LayerInfo(f"b{i}.{k}.attn1", "self", (r, r), 2, 8, "up", i, f"b{i}")
             store.add(layer, _region_attention(r, 2))
     store = AttentionStore.load(store.save(tmp_path / "s"))  # the method reads a saved store as well
-    result = DiffSeg(kl_thresholds=(0.9, 0.9, 0.9), num_anchors=8).segment(store)
+    result = DiffSeg(kl_thresholds=(0.9, 0.9, 0.9), threshold_mode="absolute", num_anchors=8).segment(store)
     assert result.labels.shape == (64, 64)
     expected = torch.nn.functional.interpolate(_regions(16)[None, None].float(), size=(64, 64), mode="nearest")[0, 0]
     assert result.num_segments == 4

@@ -30,9 +30,26 @@ from attnseg.types import SegmentationResult
 
 pytestmark = pytest.mark.slow
 
+
+def _load(name: str):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "reference" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_{name}_e", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ml = _load("metrics_literal")
+dl = _load("diffseg_literal")
+INPUT = 32  # the tiny model's input side (16 x 16 latents, VAE factor 2)
+
 CLASSES = ("background", "red", "blue")
 NUM_IMAGES = 5
-DIFFSEG = ["--method", "diffseg", "-P", "num_anchors=4", "-P", "kl_thresholds=0.001,0.001"]
+DIFFSEG = ["--method", "diffseg", "-P", "num_anchors=4", "-P", "kl_thresholds=0.001,0.001",
+           "-P", "threshold_mode=absolute"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,6 +111,17 @@ def baseline(toy_data, tiny_sd_dir, tmp_path_factory) -> tuple[Path, dict]:
     return out, json.loads((out / "report.json").read_text())
 
 
+def read_label(data: Path, i: int) -> np.ndarray:
+    return np.array(Image.open(data / "labels" / f"img{i}.png"), dtype=np.int64)
+
+
+def centre_square(label: np.ndarray) -> np.ndarray:
+    """The label cropped like the image for a square input: the centred ``h x h`` columns (``w >= h`` here)."""
+    h, w = label.shape
+    left = (w - h) // 2
+    return label[:, left : left + h]
+
+
 def numbers(report: dict) -> dict:
     """The parts of a report that must not depend on processes, restarts or timing."""
     return {k: report[k] for k in ("metrics", "per_class", "per_image", "num_images", "complete", "missing")}
@@ -116,7 +144,7 @@ def test_evaluate_writes_config_results_and_report(baseline, toy_data):
     assert report["matching"] == "per-image-hungarian" and report["method"]["kind"] == "class-agnostic"
     assert report["method"]["params"]["kl_thresholds"] == [0.001, 0.001]
     assert [row["name"] for row in report["per_class"]] == list(CLASSES)
-    assert 0.0 <= report["metrics"]["miou"] <= 1.0 and report["metrics"]["mean_segments_per_image"] > 1
+    assert report["metrics"]["mean_segments_per_image"] > 1
     # labels are cropped like the images: 40 x 40 per image (image i loses 2i columns on the left), minus
     # what is left of the 3 x 3 ignored corner
     ignored = sum(3 * max(0, 3 - 2 * i) for i in range(NUM_IMAGES))
@@ -138,6 +166,45 @@ def test_evaluate_writes_config_results_and_report(baseline, toy_data):
     assert build_report(out, write=False, matching="best-match")["metrics"]["best_match_iou"] > 0
 
 
+def test_diffseg_run_scores_equal_a_literal_scoring_of_its_predictions(baseline, toy_data):
+    """Every image: DiffSeg's labels (recomputed from the cached store), resized to the centre-cropped label by a
+    literal nearest rule, scored by an exhaustive Hungarian search; the report must hold exactly those numbers."""
+    from attnseg.capture.store import AttentionStore
+    from attnseg.methods.diffseg import DiffSeg
+
+    out, report = baseline
+    records = [json.loads(x) for x in (out / "results-0.jsonl").read_text().splitlines()]
+    method = DiffSeg(num_anchors=4, kl_thresholds=(0.001, 0.001), threshold_mode="absolute")
+    tp, fp, fn = np.zeros(3, np.int64), np.zeros(3, np.int64), np.zeros(3, np.int64)
+    for i, rec in enumerate(records):
+        store = AttentionStore.load(out / "stores" / f"img{i}.safetensors")
+        assert list(store.meta["image_size"]) == [INPUT, INPUT]
+        labels = method.segment(store).labels.numpy()
+        target = centre_square(read_label(toy_data, i))
+        pred = ml.nearest_resize_literal(labels, target.shape)
+        ref = ml.hungarian_literal(pred, target, 3, 255)
+        hist = np.zeros((3, len(ref["hist"][0])), np.int64)
+        for r, c, n in rec["counts"]["hist"]:
+            hist[r, c] += n
+        np.testing.assert_array_equal(hist, np.array(ref["hist"]))  # the same pixels, the same ids
+        got = rec["counts"]["hungarian"]
+        assert sum(got["tp"]) == sum(ref["tp"])  # an optimal assignment
+        assert got["num_pixels"] == ref["num_pixels"]
+        if ref["unique"]:
+            assert (got["tp"], got["fp"], got["fn"]) == (ref["tp"], ref["fp"], ref["fn"])
+            assert rec["metrics"]["miou"] == pytest.approx(ref["miou"], abs=1e-12)
+        # where several assignments are optimal (a class absent from the image), the solver's choice decides the
+        # split of FP between classes: the rest uses the stored counts
+        tp += got["tp"]
+        fp += got["fp"]
+        fn += got["fn"]
+        assert rec["metrics"]["pixel_accuracy"] == pytest.approx(ref["accuracy"], abs=1e-12)
+    iou = [t / (t + p + n) if t + p + n else float("nan") for t, p, n in zip(tp, fp, fn, strict=True)]
+    assert report["metrics"]["miou"] == pytest.approx(ml.nanmean(iou), abs=1e-12)
+    assert report["metrics"]["pixel_accuracy"] == pytest.approx(tp.sum() / report["metrics"]["num_pixels"], abs=1e-12)
+    assert [row["tp"] for row in report["per_class"]] == tp.tolist()
+
+
 def test_resume_after_kill_gives_identical_report(baseline, toy_data, tiny_sd_dir, tmp_path):
     base_out, base_report = baseline
 
@@ -145,7 +212,7 @@ def test_resume_after_kill_gives_identical_report(baseline, toy_data, tiny_sd_di
     out = tmp_path / "killed"
     run = EvaluationRun(
         out, dataset="generic", root=toy_data, model=str(tiny_sd_dir), method="diffseg",
-        params={"num_anchors": 4, "kl_thresholds": (0.001, 0.001)},
+        params={"num_anchors": 4, "kl_thresholds": (0.001, 0.001), "threshold_mode": "absolute"},
     )
     seen: list[str] = []
 
@@ -192,7 +259,8 @@ def test_cached_stores_are_reused_without_the_model(baseline, toy_data, tiny_sd_
     monkeypatch.setattr(UNetAdapter, "denoise", counting)
     out = tmp_path / "other-threshold"
     args = ["evaluate", "--dataset", "generic", "--root", toy_data, "--model", tiny_sd_dir, "--method", "diffseg",
-            "-P", "num_anchors=4", "-P", "kl_thresholds=0.004,0.004", "--store-dir", base_out / "stores", "--out", out]
+            "-P", "num_anchors=4", "-P", "kl_thresholds=0.004,0.004",
+            "-P", "threshold_mode=absolute", "--store-dir", base_out / "stores", "--out", out]
     res = _cli(*args)
     assert res.exit_code == 0, res.output
     assert calls == []  # every store came from the cache
@@ -344,22 +412,49 @@ def test_method_kind_decides_the_scoring_path():
     assert method_kind(FakeTarget) == "binary"
 
 
+def _band_scores(k: int, offset: float) -> np.ndarray:
+    """The stand-in's scores at the input size: background 0.5 + offset, class i = 1 on the i-th of k bands."""
+    scores = np.zeros((k + 1, INPUT, INPUT))
+    scores[0] = 0.5 + offset
+    for i, cols in enumerate(np.array_split(np.arange(INPUT), k)):
+        scores[i + 1][:, cols] = 1.0
+    return scores
+
+
 @pytest.mark.usefixtures("fake_methods")
 def test_semantic_method_gets_oracle_classes_and_a_background_offset(toy_data, tiny_sd_dir, tmp_path):
     out = tmp_path / "semantic"
     res = _cli("evaluate", "--dataset", "generic", "--root", toy_data, "--model", tiny_sd_dir,
-               "--method", "fake-semantic", "--class-source", "oracle", "--background-offset", "0.6", "--out", out)
+               "--method", "fake-semantic", "--class-source", "oracle", "--background-offset", "0.45", "--out", out)
     assert res.exit_code == 0, res.output
     records = [json.loads(x) for x in (out / "results-0.jsonl").read_text().splitlines()]
     assert [r["classes"] for r in records] == [["red", "blue"], ["red"], ["red", "blue"], ["red", "blue"],
                                                 ["red", "blue"]]
     report = json.loads((out / "report.json").read_text())
-    assert report["matching"] == "semantic" and report["protocol"]["background"] == "threshold:0.6"
-    assert report["protocol"]["class_source"] == "oracle" and report["metrics"]["background_offset"] == 0.6
-    assert set(report["metrics"]) >= {"miou_absent_as_zero", "miou", "pixel_accuracy"}
-    by_name = {row["name"]: row for row in report["per_class"]}
-    # offset 0.6 lifts the background channel (0.5 + 0.6) above every band (1.0): all pixels predicted background
-    assert by_name["red"]["pred_pixels"] == 0 and by_name["background"]["pred_pixels"] > 0
+    assert report["matching"] == "semantic" and report["protocol"]["background"] == "threshold:0.45"
+    assert report["protocol"]["class_source"] == "oracle" and report["metrics"]["background_offset"] == 0.45
+    # literal: the bands' scores resized bilinearly (one output index at a time) to the cropped label, the background
+    # lifted to 0.95, argmax (the background wins where two bands blend below it), names -> dataset ids
+    preds, targets = [], []
+    for i, rec in enumerate(records):
+        target = centre_square(read_label(toy_data, i))
+        scores = _band_scores(len(rec["classes"]), 0.45)
+        up = np.stack([dl.bilinear_resize(c, *target.shape) for c in scores])
+        ids = np.array([0] + [CLASSES.index(c) for c in rec["classes"]])[up.argmax(0)]
+        ref = ml.confusion_literal(ids, target, 3, 255)
+        assert rec["metrics"]["by_offset"]["0.45"]["miou"] == pytest.approx(ref["miou"], abs=1e-12)
+        assert rec["metrics"]["by_offset"]["0.45"]["pixel_accuracy"] == pytest.approx(ref["pixel_accuracy"], abs=1e-12)
+        preds.append(ids.ravel())
+        targets.append(target.ravel())
+    ref = ml.confusion_literal(np.concatenate(preds), np.concatenate(targets), 3, 255)
+    for name in ("miou_absent_as_zero", "miou", "pixel_accuracy", "num_pixels"):
+        assert report["metrics"][name] == pytest.approx(ref[name], abs=1e-12), name
+    for row in report["per_class"]:
+        c = row["id"]
+        assert (row["gt_pixels"], row["pred_pixels"]) == (ref["gt"][c], ref["predicted"][c])
+        assert row["iou"] == pytest.approx(ref["iou"][c], abs=1e-12)
+        assert row["recall"] == pytest.approx(ref["recall"][c], abs=1e-12)
+    assert 0 < ref["predicted"][0] < ref["num_pixels"]  # the offset decides some pixels, not all
     assert "bilinear on class scores" in report["geometry"]["description"]
 
 
@@ -402,7 +497,20 @@ def test_binary_method_scores_its_target_class(toy_data, tiny_sd_dir, tmp_path):
     report = json.loads(res.stdout)
     assert report["matching"] == "binary" and report["per_class"][0]["name"] == "red"
     assert set(report["metrics"]) >= {"miou", "accuracy", "precision", "f1", "iou", "recall", "pooled"}
-    assert report["metrics"]["recall"] > 0.9  # "red" fills (most of) the left half
+    # literal: the stand-in's left half at the input size, nearest-resized to the (uncropped) label; "red" = class 1
+    per_image = []
+    for i in range(NUM_IMAGES):
+        label = read_label(toy_data, i)
+        half = np.zeros((INPUT, INPUT), np.int64)
+        half[:, : INPUT // 2] = 1
+        per_image.append(ml.binary_literal(ml.nearest_resize_literal(half, label.shape), label == 1, label != 255))
+    for name in ("miou", "accuracy", "precision", "recall", "f1", "iou", "iou_background"):
+        assert report["metrics"][name] == pytest.approx(ml.nanmean([r[name] for r in per_image]), abs=1e-12), name
+    counts = {k: sum(r[k] for r in per_image) for k in ("tp", "fp", "fn", "tn")}
+    assert report["metrics"]["pooled"]["iou"] == pytest.approx(
+        counts["tp"] / (counts["tp"] + counts["fp"] + counts["fn"]), abs=1e-12)
+    assert report["metrics"]["pooled"]["recall"] == pytest.approx(counts["tp"] / (counts["tp"] + counts["fn"]),
+                                                                  abs=1e-12)
     assert "squashed" in report["geometry"]["description"]
 
 
@@ -457,41 +565,55 @@ def test_registered_protocol_fixes_geometry_and_scoring(protocol, writer, method
     assert all(r["label_size"] == label_size for r in records)
     if protocol == "hair-figaro1k":
         assert report["matching"] == "binary" and report["per_class"][0]["name"] == "hair"
-        assert report["metrics"]["precision"] > 0.5  # the stand-in predicts the left half
+        # literal: the left half at 32 x 32, nearest-resized to the 40 x 48 label; hair = the first 16 + i columns
+        per_image = []
+        for i in range(3):
+            half = np.zeros((INPUT, INPUT), np.int64)
+            half[:, : INPUT // 2] = 1
+            hair = np.zeros((40, 48), bool)
+            hair[:, : 16 + i] = True
+            per_image.append(ml.binary_literal(ml.nearest_resize_literal(half, (40, 48)), hair))
+        for name in ("miou", "precision", "recall", "iou"):
+            assert report["metrics"][name] == pytest.approx(ml.nanmean([r[name] for r in per_image]), abs=1e-12)
     else:
         assert report["matching"] == "per-image-hungarian" and len(report["per_class"]) == 27
         assert report["metrics"]["num_pixels"] < 3 * 32 * 32  # void pixels ignored
 
 
-def test_scorers_agree_with_the_metrics_module():
-    """Counts stored per image rebuild exactly what attnseg.eval.metrics computes from the arrays."""
-    from attnseg.eval.metrics import PerImageHungarian, best_match_iou, label_masks
+def test_scorers_agree_with_literal_metrics():
+    """Counts stored per image rebuild exactly what an exhaustive Hungarian search and a pixel-by-pixel best match
+    give (the scorers use attnseg.eval.metrics inside, so that is not the reference)."""
     from attnseg.eval.report import make_scorer
 
     rng = np.random.default_rng(1)
-    targets = [rng.integers(0, 4, (12, 10)) for _ in range(3)]
-    for t in targets:
+    targets, preds = [], []
+    while len(targets) < 3:  # images whose optimal assignment is unique (no tie-breaking question)
+        t = rng.integers(0, 4, (12, 10))
         t[0, :3] = 255
-    preds = [rng.integers(0, 6, (12, 10)) for _ in range(3)]
+        p = np.where(rng.random((12, 10)) < 0.5, np.where(t == 255, 0, t), rng.integers(0, 6, (12, 10)))
+        if ml.hungarian_literal(p, t, 4, 255)["unique"]:
+            targets.append(t)
+            preds.append(p)
     scoring = {"num_classes": 4, "ignore_index": 255, "class_names": list("abcd")}
     records = []
     hungarian = make_scorer({**scoring, "matching": "per-image-hungarian"})
-    reference = PerImageHungarian(4, ignore_index=255)
+    tp, fp, fn = np.zeros(4), np.zeros(4), np.zeros(4)
     for i, (p, t) in enumerate(zip(preds, targets, strict=True)):
         metrics, counts = hungarian.score(p, t)
         records.append({"id": str(i), "metrics": metrics, "counts": counts})
-        reference.update(p, t)
+        ref = ml.hungarian_literal(p, t, 4, 255)
+        tp, fp, fn = tp + ref["tp"], fp + ref["fp"], fn + ref["fn"]
     metrics, table = hungarian.combine(records)
-    assert metrics["miou"] == reference.result().miou and [r["tp"] for r in table] == reference.result().tp.tolist()
+    assert metrics["miou"] == pytest.approx(ml.nanmean(list(tp / (tp + fp + fn))), abs=1e-12)
+    assert [r["tp"] for r in table] == tp.astype(int).tolist()
 
     best = make_scorer({**scoring, "matching": "best-match"})
     masks = rng.random((5, 12, 10)) > 0.6  # overlapping masks
     for pred in (preds[0], masks):
         metrics, _ = best.score(pred, targets[0])
-        pred_masks = pred if pred.ndim == 3 else label_masks(pred, ignore_index=None)[1]
-        _, gt_masks = label_masks(targets[0])
-        ref = best_match_iou(pred_masks, gt_masks, valid=targets[0] != 255)
-        assert metrics["best_match_iou"] == pytest.approx(float(np.nanmean(ref)), abs=1e-12)
+        pred_masks = pred if pred.ndim == 3 else np.stack([pred == k for k in range(pred.max() + 1)])
+        ref = ml.best_match_literal(pred_masks, targets[0], 4, 255)
+        assert metrics["best_match_iou"] == pytest.approx(ml.nanmean(ref), abs=1e-12)
     with pytest.raises(Exception, match="best-match"):
         hungarian.score(masks, targets[0])
 

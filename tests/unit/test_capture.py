@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnseg.capture.processor import CaptureProcessor
 from attnseg.capture.store import AttentionStore
 from attnseg.capture.tracer import AttentionTracer
 from attnseg.errors import AttnSegError, ConfigError
@@ -186,19 +185,6 @@ def test_store_load_errors(tmp_path):
     save_file({"x": torch.zeros(2)}, str(other))
     with pytest.raises(AttnSegError, match="not an attnseg attention store"):
         AttentionStore.load(other)
-
-
-def test_non_plain_processor_keeps_its_output(tiny_adapter):
-    """A custom original processor (e.g. an adapter's) is called for the output; probabilities are computed beside."""
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
-    class Scaled(AttnProcessor2_0):
-        def __call__(self, *args, **kwargs):
-            return 2 * super().__call__(*args, **kwargs)
-
-    layer = next(iter(tiny_adapter.attention_layers().values()))
-    proc = CaptureProcessor(Scaled(), layer, AttentionStore())
-    assert proc.mode == "beside"
 
 
 def test_store_refuses_maps_that_do_not_fit(monkeypatch):

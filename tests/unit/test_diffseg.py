@@ -728,3 +728,66 @@ def test_absolute_paper_threshold_does_not_transfer_across_grids() -> None:
     fine = paper.segment(_AggregatedStore(synthetic_self_attention(LAYOUT, 64)))
     assert coarse.meta["num_segments"] == 1
     assert _miou(fine.labels, resize_layout(LAYOUT, 64)) > 0.8
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Step 8 from wrong proposals, against a literal Lloyd's algorithm
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def lloyd_literal(data: np.ndarray, init: np.ndarray, max_iter: int = 300) -> np.ndarray:
+    """Plain Lloyd's K-means in float64 loops: nearest centre (squared distance, first on ties), then means, until
+    the assignment stops changing. Returns the labels of the rows of ``data``."""
+    centres = init.astype(np.float64).copy()
+    labels = np.full(data.shape[0], -1)
+    for _ in range(max_iter):
+        new = np.array([int(np.argmin([float(((x - c) ** 2).sum()) for c in centres])) for x in data])
+        if np.array_equal(new, labels):
+            break
+        labels = new
+        for k in range(centres.shape[0]):
+            if (labels == k).any():
+                centres[k] = data[labels == k].mean(axis=0)
+    return labels
+
+
+def test_refine_kmeans_corrects_wrong_proposals() -> None:
+    """Start from proposals that mix the regions: refinement must move every centre to its region's mean."""
+    attn = aggregate_self_attention(region_maps(REGIONS_16, (16, 8)))
+    flat = attn.reshape(256, 256).double()
+    truth = torch.stack([flat[REGIONS_16.reshape(-1) == k].mean(0) for k in range(4)])  # each region's mean map
+    mix = torch.tensor([[0.6, 0.4, 0.0, 0.0], [0.0, 0.6, 0.4, 0.0], [0.0, 0.0, 0.6, 0.4], [0.4, 0.0, 0.0, 0.6]])
+    wrong = (mix.double() @ truth).float().reshape(4, 16, 16)
+    assert float((wrong.reshape(4, -1).double() - truth).abs().max()) > 1e-3  # the start is wrong
+    refined = refine_kmeans(attn, wrong, random_state=0)
+    torch.testing.assert_close(refined.reshape(4, -1).double(), truth, rtol=1e-5, atol=1e-7)
+    assert same_partition(assign_labels(refined, (16, 16)), REGIONS_16)
+
+
+def test_refine_kmeans_matches_literal_lloyd_from_merged_proposals() -> None:
+    attn = aggregate_self_attention(structured_maps((8, 4), seed=5, noise=1.5))
+    proposals = merge_proposals(attn, (0.3, 0.3), anchor_grid(3, 8))
+    data = attn.reshape(64, 64).double().numpy()
+    labels = lloyd_literal(data, proposals.reshape(proposals.shape[0], -1).double().numpy())
+    present = sorted(set(labels.tolist()))
+    expected = np.stack([data[labels == k].mean(axis=0) for k in present])
+    refined = refine_kmeans(attn, proposals, random_state=0)
+    assert refined.shape[0] == len(present)
+    np.testing.assert_allclose(refined.reshape(len(present), -1).double().numpy(), expected, rtol=1e-5, atol=1e-7)
+    # the refinement moved the proposals (a no-op would return them unchanged)
+    assert refined.shape != proposals.shape or float((refined - proposals).abs().max()) > 1e-4
+
+
+def test_diffseg_segment_uses_the_refined_proposals() -> None:
+    # Thresholds so loose that merging leaves one proposal per 2x2 anchor block; refinement with K-means then
+    # decides the labels: DiffSeg(refine=True) must equal assign_labels(refine_kmeans(merge_proposals(...))).
+    maps = structured_maps((8, 4), seed=5, noise=1.5)
+    attn = aggregate_self_attention(maps)
+    proposals = merge_proposals(attn, (0.3, 0.3), anchor_grid(3, 8))
+    refined = refine_kmeans(attn, proposals, random_state=7)
+    method = DiffSeg(kl_thresholds=(0.3, 0.3), threshold_mode="absolute", num_anchors=3, refine=True, random_state=7)
+    result = method.segment(FakeStore(maps))
+    assert torch.equal(result.labels, assign_labels(refined, (8, 8)))
+    assert result.meta["num_proposals"] == refined.shape[0]
+    unrefined = DiffSeg(kl_thresholds=(0.3, 0.3), threshold_mode="absolute", num_anchors=3).segment(FakeStore(maps))
+    assert torch.equal(unrefined.labels, assign_labels(proposals, (8, 8)))
+    assert not torch.equal(result.labels, unrefined.labels)

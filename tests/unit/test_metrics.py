@@ -351,3 +351,48 @@ def test_per_image_assignment_is_optimal_brute_force() -> None:
         mapping = acc.update(pred, target)
         assert acc.result().tp.sum() == best
         assert sum(hist[c, s] for s, c in mapping.items()) == best
+
+
+# ---------------------------------------------------------------------------------------------
+# serialised forms, dtypes and single-pixel segments
+
+
+def test_label_masks_ids_are_int64() -> None:
+    ids, masks = label_masks(np.array([[3, 3, 255], [0, 3, 0]]))
+    assert ids.dtype == np.int64 and ids.tolist() == [0, 3]
+    assert masks.dtype == np.bool_ and masks.sum(axis=(1, 2)).tolist() == [2, 3]
+    ids, _ = label_masks(np.array([[1, 255]]), ignore_index=None)
+    assert ids.tolist() == [1, 255]
+
+
+def test_a_segment_of_one_pixel_is_matched() -> None:
+    # target [[0, 0, 1]], pred [[4, 4, 7]]: segment 7 covers one pixel of class 1
+    pred, target = np.array([[4, 4, 7]]), np.array([[0, 0, 1]])
+    assert hungarian_match(pred, target, 2) == {4: 0, 7: 1}
+    assert PerImageHungarian(2).update(pred, target) == {4: 0, 7: 1}
+    acc = DatasetHungarian(2, max_pred_ids=8)
+    acc.update(pred, target)
+    assert acc.mapping() == {4: 0, 7: 1}
+
+
+def test_serialised_scores_hold_the_values() -> None:
+    acc = PerImageHungarian(2)
+    acc.update(*IMG_A)
+    acc.update(*IMG_B)
+    r = acc.result()
+    d = r.to_dict()
+    assert d == {"protocol": "per-image-hungarian", "accuracy": r.accuracy, "miou": r.miou, "iou": r.iou.tolist(),
+                 "tp": [6, 5], "fp": [1, 0], "fn": [0, 1], "num_pixels": 12, "num_images": 2, "mapping": None}
+    d_acc = DatasetHungarian(2, 7)
+    d_acc.update(*IMG_A)
+    assert d_acc.result().to_dict()["mapping"] == {"5": 0, "6": 1}
+    nan = PerImageHungarian(2).result().to_dict()
+    assert nan["miou"] is None and nan["accuracy"] is None and nan["iou"] == [None, None]
+    top = top_n_iou(np.stack([PRED_1, PRED_2]), np.stack([REF_C, REF_A, REF_B]), 5)
+    assert top.to_dict() == {"score": 1.25 / 3, "n": 5, "num_refs": 3, "ious": [0.5, 0.5, 0.25],
+                             "ref_indices": [1, 2, 0]}
+    assert top_n_iou(np.stack([PRED_1]), np.zeros((0, 1, 8), bool), 2).to_dict()["score"] is None
+    s = binary_scores(B_PRED, B_TARGET).to_dict()
+    assert s == {"accuracy": 0.75, "precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3, "iou": 0.5,
+                 "iou_background": 2 / 3, "miou": (0.5 + 2 / 3) / 2}
+    assert binary_scores(np.zeros((1, 2), bool), np.zeros((1, 2), int)).to_dict()["precision"] is None

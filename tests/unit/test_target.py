@@ -158,6 +158,39 @@ def test_resolution_weights_are_matched_coarse_to_fine():
         resolve_resolution_weights([8], {16: 1.0})
 
 
+def _literal_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "reference" / "diffseg_literal.py"
+    spec = importlib.util.spec_from_file_location("_diffseg_literal_t", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def target_cross_literal(maps, tokens, weights, size, grids=None):
+    """``sum_r w_r minmax(Up(mean_j X_r[:, j]))`` in float64: the token mean column by column, a bilinear resize
+    built one output index at a time, a minmax by hand."""
+    import numpy as np
+
+    literal = _literal_module()
+    out = np.zeros(size)
+    for r, x in maps.items():
+        w = weights.get(r, 0.0)
+        if w == 0:
+            continue
+        h, wd = grids[r] if grids else (r, r)
+        col = np.zeros(x.shape[0])
+        for j in tokens:
+            col += x[:, j].double().numpy()
+        col /= len(tokens)
+        up = literal.bilinear_resize(col.reshape(h, wd), *size)
+        out += w * (up - up.min()) / (up.max() - up.min())
+    return out
+
+
 def test_target_cross_map_is_a_weighted_sum_of_minmaxed_maps():
     t = 5
     coarse = torch.zeros(4, t)
@@ -169,6 +202,45 @@ def test_target_cross_map_is_a_weighted_sum_of_minmaxed_maps():
     # each minmaxed map spans [0, 1]; the sum spans [0, 1] with these weights, fine map exactly at its corners
     assert float(out.min()) == pytest.approx(0.0) and float(out.max()) == pytest.approx(1.0)
     torch.testing.assert_close(out[0, 0], torch.tensor(0.0))
+    # every entry, by hand: the coarse 2x2 map upsampled to 4x4 (half-pixel bilinear) is [0, .25, .75, 1] along a
+    # row of [0, 1] and [0, .5, 1.5, 2] down a column; minmaxed by 3; the fine map is arange(16) / 15
+    ramp = torch.tensor([0.0, 0.25, 0.75, 1.0])
+    coarse_up = (ramp[None, :] + 2 * ramp[:, None]) / 3
+    expected = 0.25 * coarse_up + 0.75 * torch.arange(16.0).reshape(4, 4) / 15
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("weights", [{4: 0.6, 8: 0.3, 16: 0.1}, {4: 0.05, 8: 0.9, 16: 0.05}, {4: 0.0, 8: 1.0, 16: 2.0}])
+def test_target_cross_map_matches_the_literal_sum_with_weights_that_matter(weights):
+    """Three resolutions whose maps peak in different places: every weight changes the result."""
+    g = torch.Generator().manual_seed(3)
+    t = 6
+    maps = {}
+    for r in (4, 8, 16):
+        logits = torch.randn(r * r, t, generator=g)
+        logits[:, 2] += torch.linspace(0, 3, r * r) * (1 if r != 8 else -1)  # opposite trends at 8
+        maps[r] = torch.softmax(logits, -1)
+    tokens = [2, 4]  # a word split in two tokens: the columns are averaged
+    out = aggregate_target_cross(maps, tokens, weights, (16, 16))
+    expected = target_cross_literal(maps, tokens, weights, (16, 16))
+    torch.testing.assert_close(out.double(), torch.from_numpy(expected), rtol=1e-5, atol=1e-6)
+    # the weights matter: equal weights give another map
+    equal = aggregate_target_cross(maps, tokens, {r: 1.0 for r in maps}, (16, 16))
+    assert float((equal - out).abs().max()) > 0.05
+
+
+def test_target_cross_map_on_non_square_grids():
+    g = torch.Generator().manual_seed(4)
+    maps = {3: torch.softmax(torch.randn(6, 4, generator=g), -1), 6: torch.softmax(torch.randn(24, 4, generator=g), -1)}
+    grids = {3: (2, 3), 6: (4, 6)}
+    weights = {3: 0.7, 6: 0.3}
+    out = aggregate_target_cross(maps, [1], weights, (4, 6), grids=grids)
+    expected = target_cross_literal(maps, [1], weights, (4, 6), grids)
+    torch.testing.assert_close(out.double(), torch.from_numpy(expected), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="positions"):
+        aggregate_target_cross(maps, [1], weights, (4, 6), grids={3: (3, 3), 6: (4, 6)})
+    with pytest.raises(ConfigError, match="non-zero weight"):
+        aggregate_target_cross(maps, [1], {3: 0.0}, (4, 6), grids=grids)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
