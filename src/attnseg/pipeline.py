@@ -100,13 +100,13 @@ class AttentionSegmentationPipeline:
         layers = self.adapter.attention_layers(size)
         selected = {n: layers[n] for n in self.method.select_layers(layers)}
         encoded = self.adapter.encode_prompt(opts.prompt)
-        store = self._make_store(selected, {"image_size": list(size), "prompt": opts.prompt})
+        store = self.new_store(selected, {"image_size": list(size), "prompt": opts.prompt})
         return estimate_capture(
             store, selected, batch=batch, text_tokens=int(encoded.embeddings.shape[1]), model_dtype=self.adapter.dtype,
             device=self.adapter.device, method=self.method,
         )
 
-    def _make_store(self, selected: dict[str, LayerInfo], meta: dict[str, Any]) -> AttentionStore:
+    def new_store(self, selected: dict[str, LayerInfo], meta: dict[str, Any]) -> AttentionStore:
         """The method's store (``make_store``) or a plain one, on the adapter's device: maps accumulate where they
         are computed and nothing large goes to the host during the forward pass."""
         make_store = getattr(self.method, "make_store", None)
@@ -149,7 +149,7 @@ class AttentionSegmentationPipeline:
             "model": getattr(adapter, "name", ""), "family": adapter.family, "seed": seed,
             "tokens": list(encoded.tokens[: encoded.length]),
         }
-        store = self._make_store({n: layers[n] for n in selected}, meta)
+        store = self.new_store({n: layers[n] for n in selected}, meta)
         # Refuse a capture that cannot fit before anything heavy runs (image encoder, forward pass).
         estimate = check_capture_memory(
             store, {n: layers[n] for n in selected}, adapter=adapter, method=self.method, batch=len(pils),

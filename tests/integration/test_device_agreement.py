@@ -125,7 +125,7 @@ def test_capture_moves_nothing_to_the_host(name, tiny_adapter):
     layers = adapter.attention_layers((64, 64))
     selected = method.select_layers(layers)
     pipe = AttentionSegmentationPipeline(adapter, method)
-    store = pipe._make_store({n: layers[n] for n in selected}, {"image_size": [64, 64]})
+    store = pipe.new_store({n: layers[n] for n in selected}, {"image_size": [64, 64]})
     assert store.device.type == "meta"
     features = getattr(method, "features", None)
     latents = torch.zeros(1, 4, 32, 32, device="meta")
