@@ -18,7 +18,7 @@ The targets of one H200-class GPU in fp16 are printed beside the figures (they a
 Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA (exact), sampled elsewhere (:class:`attnseg.devices.
 PeakMemory`). Results go to ``benchmarks/results/device_<device name>.json`` (``-smoke`` added in smoke mode).
 
-    python benchmarks/device_check.py                        # the device found; about 5 minutes on one H200
+    python benchmarks/device_check.py                        # the device found; planned for < 8 min on one GPU
     python benchmarks/device_check.py --device cpu --smoke   # tiny shapes, seconds (the test suite runs this)
 
 More model shapes (e.g. the transformer stacks) are added with a few lines::

@@ -371,4 +371,4 @@ def generate(
         result = clustering.to_segmentation()
     else:
         result = method.segment(store, prompt=cond, out_size=size)
-    return GenerationOutput(image=image, store=store, result=result, clustering=clustering, timesteps=ts)
+    return GenerationOutput(image=image, store=store, result=result.cpu(), clustering=clustering, timesteps=ts)

@@ -177,7 +177,7 @@ class AttentionSegmentationPipeline:
         text = prompt if prompt is not None else store.meta.get("prompt", self.method.run_options().prompt)
         encoded = self.adapter.encode_prompt(text) if text or "cross" in self.method.requires else None
         size = tuple(store.meta.get("image_size", ())) or None
-        return _on_host(self.method.segment(store, prompt=encoded, out_size=size))  # type: ignore[arg-type]
+        return self.method.segment(store, prompt=encoded, out_size=size).cpu()  # type: ignore[arg-type]
 
     def run(self, image: Any, *, store_path: str | Path | None = None, **kwargs: Any) -> PipelineOutput:
         """Capture, then segment.
@@ -219,7 +219,7 @@ class AttentionSegmentationPipeline:
             item = store if len(shown) == 1 else store.item(i)
             start = time.perf_counter()
             result = self.method.segment(item, prompt=encoded, out_size=(pil.size[1], pil.size[0]))
-            result = _on_host(result)  # outputs are small; the maps stay on the device
+            result = result.cpu()  # outputs are small; the maps stay on the device
             meta = {**result.meta, "segment_seconds": round(time.perf_counter() - start, 4),
                     "denoise_seconds": store.meta.get("denoise_seconds")}
             outputs.append(PipelineOutput(result=replace(result, meta=meta), image=pil, store=item))
@@ -228,9 +228,4 @@ class AttentionSegmentationPipeline:
     def __call__(self, image: Any, **kwargs: Any) -> SegmentationResult:
         return self.run(image, **kwargs).result
 
-
-def _on_host(result: SegmentationResult) -> SegmentationResult:
-    """The result with its tensors on the CPU (a no-op for CPU tensors)."""
-    scores = result.scores.cpu() if result.scores is not None else None
-    return replace(result, labels=result.labels.cpu(), scores=scores)
 
