@@ -18,6 +18,7 @@ from attnseg.methods.base import RunOptions, Segmenter, create_method
 if TYPE_CHECKING:
     from PIL import Image
 
+    from attnseg.capture.memory import CaptureEstimate
     from attnseg.models.base import DiffusionAdapter
     from attnseg.types import LayerInfo, Prompt, SegmentationResult
 
@@ -91,8 +92,20 @@ class AttentionSegmentationPipeline:
         store, shown, _ = self._capture([image], **kwargs)
         return store, shown[0]
 
-    def estimate(self, *, size: tuple[int, int] | None = None, batch: int = 1, prompt: str | None = None) -> Any:
-        """The memory a run would need (:class:`~attnseg.capture.memory.CaptureEstimate`), without running it."""
+    def estimate(
+        self, *, size: tuple[int, int] | None = None, batch: int = 1, prompt: str | None = None
+    ) -> CaptureEstimate:
+        """The memory a run would need, from the layers' shapes, without running anything.
+
+        Args:
+            size: ``(H, W)`` input size (default: the adapter's resolution).
+            batch: images per pass (:meth:`run_batch`).
+            prompt: overrides the method's prompt (its length sets the cross-attention keys).
+
+        Example:
+            >>> est = pipe.estimate(size=(1024, 1024))  # doctest: +SKIP
+            >>> est.peak_bytes() / 2**30, est.largest().what  # doctest: +SKIP
+        """
         from attnseg.capture.memory import estimate_capture
 
         opts = self.options(prompt=prompt)

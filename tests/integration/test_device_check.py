@@ -60,3 +60,37 @@ def test_cpu_smoke_run_writes_results_and_prints_the_table(tmp_path, capsys, mon
     for heading in ("capture:", "end to end:", "throughput:", "agreement:"):
         assert heading in out
     assert "<=1.5" in out and "H200" in out and str(path) in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", ["sd15", "sdxl"])
+def test_full_size_shapes_build_and_capture_on_the_meta_device(shape, monkeypatch):
+    """The SD1.5- and SDXL-size models the GPU run builds are wired correctly (text encoders, SDXL's added
+    conditioning, every method's layers and store; a GoCA capture, which uses self and cross layers and a hooked
+    feature): built and run on the meta device, which allocates nothing."""
+    import torch
+
+    from attnseg.capture.tracer import AttentionTracer
+    from attnseg.pipeline import AttentionSegmentationPipeline
+
+    script = _load_script(monkeypatch)
+    spec = script.MODEL_SHAPES[shape]
+    meta = torch.device("meta")
+    adapter = spec.build(meta, torch.float16)
+    assert adapter.device == meta and adapter.dtype == torch.float16
+    size = (spec.size, spec.size)
+    layers = adapter.attention_layers(size)
+    latents = torch.zeros(1, 4, *adapter.latent_size(size), device=meta, dtype=torch.float16)
+    assert adapter.encode_image(torch.zeros(1, 3, *size, device=meta)).shape == latents.shape
+    for name in METHODS:  # every method's layers, store and estimate; one captured forward (meta ops are slow)
+        method = script._method(name)
+        pipe = AttentionSegmentationPipeline(adapter, method)
+        selected = method.select_layers(layers)
+        store = pipe.new_store({n: layers[n] for n in selected}, {"image_size": list(size)})
+        assert store.device == meta and pipe.estimate(size=size).peak_bytes() > 0
+        if name != "goca":
+            continue
+        features = method.features(adapter)
+        with torch.no_grad(), AttentionTracer(adapter, store, select=selected, layers=layers, features=features):
+            out = adapter.denoise(latents, 10, adapter.encode_prompt(method.run_options().prompt))
+        assert out.shape == latents.shape and len(store) > 0
