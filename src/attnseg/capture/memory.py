@@ -94,7 +94,7 @@ def nbytes(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> int:
     numel = 1
     for n in shape:
         numel *= int(n)
-    return numel * (torch.finfo(dtype).bits // 8 if dtype.is_floating_point else torch.iinfo(dtype).bits // 8)
+    return numel * torch.empty((), dtype=dtype).element_size()
 
 
 def key_tokens(layer: LayerInfo, text_tokens: int) -> int:
@@ -321,7 +321,7 @@ def _reading(store: AttentionStore, layers: Mapping[str, LayerInfo], batch: int,
     """Reading a store makes float32 copies of its maps (running means divided by their counts)."""
     kept = [it for it in store.memory_items(layers, batch=batch, text_tokens=text_tokens) if it.phase == "kept"]
     size = sum(it.nbytes for it in kept)
-    itemsize = torch.finfo(store.dtype).bits // 8
+    itemsize = torch.empty((), dtype=store.dtype).element_size()
     return MemoryItem("float32 copies of the maps read from the store", size * 4 // itemsize, "post", str(store.device))
 
 
