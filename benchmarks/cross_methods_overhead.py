@@ -60,6 +60,10 @@ class UNetOnly:
         h, w = size or self.resolution
         return unet_attention_layers(self.denoiser, (h // LATENT_SCALE, w // LATENT_SCALE))
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
 
 def make_prompt(text: str, embeddings: torch.Tensor) -> Prompt:
     tok = tokenize(clip_tokenizer(embeddings.shape[1]), text)

@@ -1,4 +1,9 @@
-"""Shared fixtures: tiny random models, built once per session, all offline on the CPU."""
+"""Shared fixtures: tiny random models, built once per session, all offline; and the ``device`` fixture.
+
+``device`` runs a test on the CPU always and on CUDA and MPS when this process can use them, so that the same
+``make test`` checks a GPU machine. Where a device is absent its variant is collected and skipped with the
+reason (``pytest -rs`` lists them).
+"""
 
 from __future__ import annotations
 
@@ -21,6 +26,36 @@ settings.register_profile(
 )
 settings.register_profile("thorough", parent=settings.get_profile("ci"), max_examples=500)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+#: The devices the ``device`` fixture runs over: the CPU always, CUDA and MPS where present.
+DEVICE_PARAMS = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param(
+        "cuda", id="cuda", marks=pytest.mark.skipif(
+            not torch.cuda.is_available(),
+            reason="no CUDA device (torch.cuda.is_available() is False): the cuda variant runs on a GPU machine",
+        ),
+    ),
+    pytest.param(
+        "mps", id="mps", marks=pytest.mark.skipif(
+            not _mps_available(), reason="no MPS device (torch.backends.mps.is_available() is False)",
+        ),
+    ),
+]
+
+
+@pytest.fixture(params=DEVICE_PARAMS)
+def device(request) -> torch.device:
+    """Each device present: ``cpu``, ``cuda:<current>``, ``mps``."""
+    from attnseg.devices import as_device
+
+    return as_device(request.param)
 
 
 @pytest.fixture(scope="session")

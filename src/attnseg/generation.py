@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from attnseg.capture.memory import check_capture_memory
 from attnseg.capture.store import AttentionStore
 from attnseg.capture.tracer import AttentionTracer
 from attnseg.errors import ConfigError, UnsupportedModelError
@@ -115,7 +116,7 @@ def _make_store(
     if make_store is not None:
         return make_store(adapter, layers, meta)
     opts = method.run_options()
-    return AttentionStore(heads=opts.heads, group=opts.group, meta=meta)  # type: ignore[arg-type]
+    return AttentionStore(heads=opts.heads, group=opts.group, meta=meta, device=adapter.device)  # type: ignore[arg-type]
 
 
 def _generator(seed: int | None, generator: torch.Generator | None) -> torch.Generator | None:
@@ -202,12 +203,8 @@ def img2img_capture(
     text = opts.prompt if prompt is None else prompt
     size = size or adapter.resolution
     pil = load_image(image, min_size=1)
-    pixels = adapter.preprocess(pil, size)
     generator = _generator(seed, generator)
     encoded = adapter.encode_prompt(text)
-    latents = adapter.encode_image(pixels, sample=opts.sample_posterior, generator=generator)
-    latents = adapter.add_noise(latents, ts[0], generator=generator)
-
     layers = adapter.attention_layers(size)
     selected = method.select_layers(layers)
     meta: dict[str, Any] = {
@@ -218,6 +215,12 @@ def img2img_capture(
         "tokens": list(encoded.tokens[: encoded.length]),
     }
     store = _make_store(method, adapter, {n: layers[n] for n in selected}, meta)
+    # refused before the image encoder and the steps run when the capture cannot fit
+    check_capture_memory(store, {n: layers[n] for n in selected}, adapter=adapter, method=method,
+                         text_tokens=int(encoded.embeddings.shape[1]), size=size)
+    pixels = adapter.preprocess(pil, size)
+    latents = adapter.encode_image(pixels, sample=opts.sample_posterior, generator=generator)
+    latents = adapter.add_noise(latents, ts[0], generator=generator)
     start = time.perf_counter()
     for i, t in enumerate(timesteps):
         if i == len(timesteps) - 1:
@@ -333,6 +336,8 @@ def generate(
     }
     store = _make_store(method, adapter, {n: layers[n] for n in selected}, meta)
     store.batch = batch
+    check_capture_memory(store, {n: layers[n] for n in selected}, adapter=adapter, method=method,
+                         batch=2 if cfg and batched else 1, text_tokens=int(cond.embeddings.shape[1]), size=size)
 
     def traced(last: bool, x: torch.Tensor, t: int, p: Prompt) -> torch.Tensor:
         if not last:
@@ -366,4 +371,4 @@ def generate(
         result = clustering.to_segmentation()
     else:
         result = method.segment(store, prompt=cond, out_size=size)
-    return GenerationOutput(image=image, store=store, result=result, clustering=clustering, timesteps=ts)
+    return GenerationOutput(image=image, store=store, result=result.cpu(), clustering=clustering, timesteps=ts)

@@ -18,8 +18,9 @@ from attnseg.methods.base import RunOptions, Segmenter, create_method
 if TYPE_CHECKING:
     from PIL import Image
 
+    from attnseg.capture.memory import CaptureEstimate
     from attnseg.models.base import DiffusionAdapter
-    from attnseg.types import Prompt, SegmentationResult
+    from attnseg.types import LayerInfo, Prompt, SegmentationResult
 
 __all__ = ["AttentionSegmentationPipeline", "PipelineOutput"]
 
@@ -108,13 +109,51 @@ class AttentionSegmentationPipeline:
 
         Returns the store and the image as the model saw it.
         """
-        store, shown, _ = self._capture(image, **kwargs)
-        return store, shown
+        store, shown, _ = self._capture([image], **kwargs)
+        return store, shown[0]
+
+    def estimate(
+        self, *, size: tuple[int, int] | None = None, batch: int = 1, prompt: str | None = None
+    ) -> CaptureEstimate:
+        """The memory a run would need, from the layers' shapes, without running anything.
+
+        Args:
+            size: ``(H, W)`` input size (default: the adapter's resolution).
+            batch: images per pass (:meth:`run_batch`).
+            prompt: overrides the method's prompt (its length sets the cross-attention keys).
+
+        Example:
+            >>> est = pipe.estimate(size=(1024, 1024))  # doctest: +SKIP
+            >>> est.peak_bytes() / 2**30, est.largest().what  # doctest: +SKIP
+        """
+        from attnseg.capture.memory import estimate_capture
+
+        opts = self.options(prompt=prompt)
+        size = size or self.adapter.resolution
+        layers = self.adapter.attention_layers(size)
+        selected = {n: layers[n] for n in self.method.select_layers(layers)}
+        encoded = self.adapter.encode_prompt(opts.prompt)
+        store = self.new_store(selected, {"image_size": list(size), "prompt": opts.prompt})
+        return estimate_capture(
+            store, selected, batch=batch, text_tokens=int(encoded.embeddings.shape[1]), model_dtype=self.adapter.dtype,
+            device=self.adapter.device, method=self.method,
+        )
+
+    def new_store(self, selected: dict[str, LayerInfo], meta: dict[str, Any]) -> AttentionStore:
+        """The method's store (``make_store``) or a plain one, on the adapter's device: maps accumulate where they
+        are computed and nothing large goes to the host during the forward pass."""
+        make_store = getattr(self.method, "make_store", None)
+        if make_store is not None:
+            return make_store(self.adapter, selected, meta)
+        opts = self.method.run_options()
+        return AttentionStore(
+            heads=opts.heads, group=opts.group, meta=meta, device=self.adapter.device,  # type: ignore[arg-type]
+        )
 
     @torch.no_grad()
     def _capture(
         self,
-        image: Any,
+        images: list[Any],
         *,
         prompt: str | None = None,
         timestep: int | None = None,
@@ -122,47 +161,56 @@ class AttentionSegmentationPipeline:
         seed: int | None = 0,
         generator: torch.Generator | None = None,
         size: tuple[int, int] | None = None,
-    ) -> tuple[AttentionStore, Image.Image, Prompt]:
+    ) -> tuple[AttentionStore, list[Image.Image], Prompt]:
+        from attnseg.capture.memory import check_capture_memory
+        from attnseg.devices import synchronize
+
         opts = self.options(prompt=prompt, timestep=timestep, add_noise=add_noise)
         adapter = self.adapter
         size = self.input_size(size)
-        pil = load_image(image, min_size=1)
-        pixels = adapter.preprocess(pil, size)
+        pils = [load_image(image, min_size=1) for image in images]
         if generator is None and seed is not None:
+            # a CPU generator: the same seed gives the same draws on every device (adapters draw on the
+            # generator's device, then move the noise)
             generator = torch.Generator(device="cpu").manual_seed(seed)
         layers = adapter.attention_layers(size)
         selected = self.method.select_layers(layers)
         text = opts.prompt
         encoded = adapter.encode_prompt(text)
-        latents = adapter.encode_image(pixels, sample=opts.sample_posterior, generator=generator)
-        if opts.add_noise:
-            latents = adapter.add_noise(latents, opts.timestep, generator=generator)
         meta = {
             "image_size": list(size), "prompt": text, "timestep": opts.timestep, "add_noise": opts.add_noise,
             "model": getattr(adapter, "name", ""), "family": adapter.family, "seed": seed,
             "tokens": list(encoded.tokens[: encoded.length]),
         }
-        make_store = getattr(self.method, "make_store", None)
-        if make_store is not None:
-            store = make_store(adapter, {n: layers[n] for n in selected}, meta)
-        else:
-            store = AttentionStore(heads=opts.heads, group=opts.group, meta=meta)  # type: ignore[arg-type]
+        store = self.new_store({n: layers[n] for n in selected}, meta)
+        # Refuse a capture that cannot fit before anything heavy runs (image encoder, forward pass).
+        estimate = check_capture_memory(
+            store, {n: layers[n] for n in selected}, adapter=adapter, method=self.method, batch=len(pils),
+            text_tokens=int(encoded.embeddings.shape[1]), size=size,
+        )
+        store.meta["estimated_peak_bytes"] = estimate.peak_bytes()
+        pixels = torch.cat([adapter.preprocess(pil, size) for pil in pils])
+        latents = adapter.encode_image(pixels, sample=opts.sample_posterior, generator=generator)
+        if opts.add_noise:
+            latents = adapter.add_noise(latents, opts.timestep, generator=generator)
         features = getattr(self.method, "features", None)
+        synchronize(adapter.device)
         start = time.perf_counter()
         with AttentionTracer(
             adapter, store, select=selected, layers=layers, mode=self.mode,
             features=features(adapter) if features is not None else (),
         ):
             adapter.denoise(latents, opts.timestep, encoded)
+        synchronize(adapter.device)
         store.meta["denoise_seconds"] = round(time.perf_counter() - start, 4)
-        return store, tensor_to_pil(pixels), encoded
+        return store, [tensor_to_pil(p[None]) for p in pixels], encoded
 
     def segment_store(self, store: AttentionStore, *, prompt: str | None = None) -> SegmentationResult:
         """Run the method on a (possibly loaded) store; the prompt is re-encoded for token lookup."""
         text = prompt if prompt is not None else store.meta.get("prompt", self.method.run_options().prompt)
         encoded = self.adapter.encode_prompt(text) if text or "cross" in self.method.requires else None
         size = tuple(store.meta.get("image_size", ())) or None
-        return self.method.segment(store, prompt=encoded, out_size=size)  # type: ignore[arg-type]
+        return self.method.segment(store, prompt=encoded, out_size=size).cpu()  # type: ignore[arg-type]
 
     def run(self, image: Any, *, store_path: str | Path | None = None, **kwargs: Any) -> PipelineOutput:
         """Capture, then segment.
@@ -171,18 +219,46 @@ class AttentionSegmentationPipeline:
             image: a path, PIL image, array or tensor (see :func:`attnseg.io.images.load_image`).
             store_path: also save the captured attention there.
             prompt, timestep, add_noise: override the method's run options.
-            seed, generator: every random draw (posterior sample, noise).
+            seed, generator: every random draw (posterior sample, noise); drawn on a CPU generator by default, so a
+                seed gives the same draws on every device.
             size: ``(H, W)`` model input size (default: the preset's, else the adapter's resolution).
+
+        Raises:
+            AttnSegError: among others when the capture would not fit in the memory of the model's device (checked
+                before the image is encoded).
         """
-        store, shown, encoded = self._capture(image, **kwargs)
+        return self.run_batch([image], store_path=store_path, **kwargs)[0]
+
+    def run_batch(
+        self, images: list[Any], *, store_path: str | Path | None = None, **kwargs: Any
+    ) -> list[PipelineOutput]:
+        """Capture a batch of images in one denoiser pass, then segment each (keywords as :meth:`run`).
+
+        All images are resized to one ``size``. The noise of the batch is one draw of shape ``(B, ...)``, so image
+        ``i`` of a batch does not get the noise it gets alone (with the same seed). Each output's store is a view
+        of batch item ``i`` (:meth:`~attnseg.capture.store.AttentionStore.item`); results are on the CPU.
+
+        Args:
+            images: the images (paths, PIL images, arrays, tensors).
+            store_path: also save the whole batch's store there.
+        """
+        if not images:
+            raise ConfigError("run_batch needs at least one image")
+        store, shown, encoded = self._capture(list(images), **kwargs)
         if store_path is not None:
             store.save(store_path)
-        start = time.perf_counter()
-        result = self.method.segment(store, prompt=encoded, out_size=(shown.size[1], shown.size[0]))
-        meta = {**result.meta, "segment_seconds": round(time.perf_counter() - start, 4),
-                "denoise_seconds": store.meta.get("denoise_seconds")}
-        return PipelineOutput(result=replace(result, meta=meta), image=shown, store=store)
+        outputs = []
+        for i, pil in enumerate(shown):
+            item = store if len(shown) == 1 else store.item(i)
+            start = time.perf_counter()
+            result = self.method.segment(item, prompt=encoded, out_size=(pil.size[1], pil.size[0]))
+            result = result.cpu()  # outputs are small; the maps stay on the device
+            meta = {**result.meta, "segment_seconds": round(time.perf_counter() - start, 4),
+                    "denoise_seconds": store.meta.get("denoise_seconds")}
+            outputs.append(PipelineOutput(result=replace(result, meta=meta), image=pil, store=item))
+        return outputs
 
     def __call__(self, image: Any, **kwargs: Any) -> SegmentationResult:
         return self.run(image, **kwargs).result
+
 

@@ -179,6 +179,14 @@ class SegmentationResult:
             scores = F.interpolate(self.scores[None].float(), size=size, mode="bilinear", align_corners=False)[0]
         return replace(self, labels=labels, scores=scores)
 
+    def cpu(self) -> SegmentationResult:
+        """The result with its tensors on the host (``self`` when they already are)."""
+        on_host = self.labels.device.type == "cpu" and (self.scores is None or self.scores.device.type == "cpu")
+        if on_host:
+            return self
+        scores = self.scores.cpu() if self.scores is not None else None
+        return replace(self, labels=self.labels.cpu(), scores=scores)
+
     def labels_numpy(self) -> np.ndarray:
         return self.labels.cpu().numpy()
 

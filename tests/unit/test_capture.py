@@ -190,6 +190,6 @@ def test_store_load_errors(tmp_path):
 def test_store_refuses_maps_that_do_not_fit(monkeypatch):
     import attnseg.methods.ops as ops
 
-    monkeypatch.setattr(ops, "available_memory_bytes", lambda: 100)
+    monkeypatch.setattr(ops, "available_memory_bytes", lambda device=None: 100)
     with pytest.raises(AttnSegError, match=r"attention maps of l\.attn1 needs about"):
         AttentionStore().add(_layer(), _probs(1, 2, 4, 4, 0))

@@ -653,10 +653,10 @@ def test_aggregation_refuses_what_does_not_fit(monkeypatch: pytest.MonkeyPatch) 
     from attnseg.errors import AttnSegError
 
     maps = {8: torch.full((64, 64), 1 / 64)}
-    monkeypatch.setattr(ops, "available_memory_bytes", lambda: 1000)  # 3 * 8^4 * 4 bytes do not fit in 1 kB
+    monkeypatch.setattr(ops, "available_memory_bytes", lambda device=None: 1000)  # 3 * 8^4 * 4 bytes do not fit in 1 kB
     with pytest.raises(AttnSegError, match=r"8x8 needs about .* GiB"):
         aggregate_self_attention(maps)
-    monkeypatch.setattr(ops, "available_memory_bytes", lambda: 2**30)
+    monkeypatch.setattr(ops, "available_memory_bytes", lambda device=None: 2**30)
     assert aggregate_self_attention(maps).shape == (8, 8, 8, 8)
 
 

@@ -21,13 +21,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from attnseg.capture.store import AttentionStore, _Entry
 from attnseg.errors import AttnSegError, ConfigError, UnsupportedModelError
 from attnseg.types import LayerInfo
+
+if TYPE_CHECKING:
+    from attnseg.capture.memory import MemoryItem
 
 __all__ = [
     "CROSS_KIND",
@@ -125,13 +128,60 @@ class HeadWeightedStore(AttentionStore):
         if layer not in entry.layers:
             entry.layers.append(layer)
         if entry.sum is None:
-            entry.sum = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            entry.sum = self._zeros(shape, f"the maps of {key}")
         elif tuple(entry.sum.shape) != shape:
             raise AttnSegError(
                 f"{layer}: a map of shape {shape} does not match the {tuple(entry.sum.shape)} already stored under "
                 f"{key!r}; use a new store for a new input size or batch"
             )
         return entry
+
+    def memory_items(
+        self, layers: Mapping[str, LayerInfo], *, batch: int = 1, text_tokens: int = 0
+    ) -> list[MemoryItem]:
+        """The store's tensors for a capture of ``layers``, from shapes (see ``AttentionStore.memory_items``).
+
+        Kept: one head-weighted ``(B, N, T)`` map per cross layer, one ``(B, n_r, n_r)`` map per reference layer,
+        one ``(B, n_g, n_g)`` refinement affinity. Per call (transient): a cross layer's per-head probabilities and
+        outputs ``(B, H, N, T)`` + ``(B, H, N, d)`` and the head-weight products; a self layer's head mean
+        ``(B, N, N)`` and its resized copies.
+        """
+        from attnseg.capture.memory import MemoryItem, nbytes
+
+        b = self.kept_batch(batch)
+        dev = str(self.device)
+        items: list[MemoryItem] = []
+        refine_n = 0
+        for info in layers.values():
+            n = info.num_tokens
+            if info.kind == "cross":
+                kept = nbytes((b, n, text_tokens), self.dtype)
+                items.append(MemoryItem(f"the head-weighted maps of {info.name}", kept, "kept", dev))
+                if self.head_method != "average":
+                    c = info.heads * info.head_dim
+                    per_call = nbytes((b, info.heads, n, text_tokens)) + nbytes((b, info.heads, n, info.head_dim))
+                    per_call += 2 * nbytes((b, n, c)) + 2 * nbytes((b, info.heads, n)) + nbytes((b, n, text_tokens))
+                    items.append(MemoryItem(f"the per-head maps and outputs of one call of {info.name}", per_call,
+                                            "capture", dev, info.name))
+            elif info.kind == "self" and (info.name in self.reference_layers or info.name in self.refine_layers):
+                per_call = nbytes((b, n, n))
+                targets = ((self.reference_layers, self.reference_grid), (self.refine_layers, self.refine_grid))
+                for wanted, grid in targets:
+                    if info.name in wanted and grid is not None:
+                        g = grid[0] * grid[1]
+                        per_call += nbytes((b, g, n)) + 2 * nbytes((b, g, g))
+                items.append(MemoryItem(f"the head mean of one call of {info.name} and its resized copies", per_call,
+                                        "capture", dev, info.name))
+                if info.name in self.reference_layers and self.reference_grid is not None:
+                    g = self.reference_grid[0] * self.reference_grid[1]
+                    items.append(MemoryItem(f"the reference-grid map of {info.name}", nbytes((b, g, g), self.dtype),
+                                            "kept", dev))
+                if info.name in self.refine_layers and self.refine_grid is not None:
+                    refine_n = self.refine_grid[0] * self.refine_grid[1]
+        if refine_n:
+            affinity = nbytes((b, refine_n, refine_n), self.dtype)
+            items.append(MemoryItem("the refinement affinity", affinity, "kept", dev))
+        return items
 
     def add_chunk(
         self,

@@ -15,15 +15,19 @@ result reproducible: each component's largest-magnitude score is positive.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from attnseg.capture.store import AttentionStore, _Entry
 from attnseg.errors import AttnSegError, ConfigError
 from attnseg.types import LayerInfo
+
+if TYPE_CHECKING:
+    from attnseg.capture.memory import MemoryItem
 
 __all__ = ["HeadPCA", "PCAHeadStore", "head_pca"]
 
@@ -70,8 +74,13 @@ def _flip_signs(scores: torch.Tensor, axes: torch.Tensor) -> tuple[torch.Tensor,
     return scores * signs[None], axes * signs[:, None]
 
 
+def _wide_dtype(device: torch.device) -> torch.dtype:
+    """float64 for the exact solver, except on MPS, which has no float64 (float32 there)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def _full_pca(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    xd = x.to(torch.float64)
+    xd = x.to(_wide_dtype(x.device))
     xc = xd - xd.mean(dim=0, keepdim=True)
     u, s, vh = torch.linalg.svd(xc, full_matrices=False)
     total = xc.square().sum()
@@ -87,7 +96,7 @@ def _randomized_pca(
     rank = min(k + n_oversamples, n, f)
     mean = xf.mean(dim=0)  # (F,)
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    omega = torch.randn(f, rank, generator=gen, dtype=torch.float64).to(xf.device, xf.dtype)
+    omega = torch.randn(f, rank, generator=gen, dtype=torch.float64).to(xf.dtype).to(xf.device)
 
     def centred_mul(m: torch.Tensor) -> torch.Tensor:  # (X - 1 mean) @ m, m: (F, r)
         return xf @ m - (mean @ m)[None, :]
@@ -99,11 +108,12 @@ def _randomized_pca(
     for _ in range(n_iter):
         q = torch.linalg.qr(centred_tmul(q)).Q
         q = torch.linalg.qr(centred_mul(q)).Q
-    b = centred_tmul(q).T.to(torch.float64)  # (r, F) = Q^T (X - 1 mean)
+    wide = _wide_dtype(xf.device)
+    b = centred_tmul(q).T.to(wide)  # (r, F) = Q^T (X - 1 mean)
     ub, s, vh = torch.linalg.svd(b, full_matrices=False)
-    u = q.to(torch.float64) @ ub[:, :k]
+    u = q.to(wide) @ ub[:, :k]
     # Welford-style per-feature variance: no (N, F) temporary.
-    total = xf.var(dim=0, correction=0).to(torch.float64).sum() * n
+    total = xf.var(dim=0, correction=0).to(wide).sum() * n
     return u * s[:k], vh[:k], s[:k], total
 
 
@@ -250,6 +260,45 @@ class PCAHeadStore(AttentionStore):
             self.add_chunk = self._add_whole_heads  # type: ignore[method-assign]
 
     # -- write side --------------------------------------------------------------------------------------------------
+    def memory_items(
+        self, layers: Mapping[str, LayerInfo], *, batch: int = 1, text_tokens: int = 0
+    ) -> list[MemoryItem]:
+        """The store's tensors for a capture of ``layers``, from shapes (see ``AttentionStore.memory_items``).
+
+        Kept: ``(B, H, k, N)`` component maps and ``(B, H, k)`` variances per layer. Per call (transient): the
+        pending components of the call, the gathered rows of a head block (``reading="outputs"``, at most all heads,
+        float32) and the PCA of one head (about three float64 copies of its ``(N, F)`` data with the exact solver,
+        one float32 copy with the randomized one).
+        """
+        from attnseg.capture.memory import MemoryItem, key_tokens, nbytes
+
+        b = self.kept_batch(batch)
+        dev = str(self.device)
+        k = self.n_components
+        items: list[MemoryItem] = []
+        for info in layers.values():
+            n = info.num_tokens
+            comps = nbytes((b, info.heads, k, n), self.dtype) + nbytes((b, info.heads, k)) + nbytes((b, info.heads))
+            items.append(MemoryItem(f"the principal components of {info.name}", comps, "kept", dev))
+            f = info.head_dim if self.reading == "outputs" else key_tokens(info, text_tokens)
+            per_call = comps
+            if self.reading == "outputs":
+                per_call += nbytes((b, info.heads, n, f))
+            full = self.solver == "full" or (self.solver == "auto" and min(n, f) <= FULL_SVD_MAX_DIM)
+            per_call += 3 * nbytes((n, f), torch.float64) if full else nbytes((n, f))
+            items.append(MemoryItem(f"the PCA working set of one call of {info.name}", per_call, "capture", dev,
+                                    info.name))
+        return items
+
+    def item(self, index: int) -> PCAHeadStore:
+        """Batch item ``index`` only, as views (see ``AttentionStore.item``)."""
+        new = super().item(index)
+        assert isinstance(new, PCAHeadStore)
+        new._variance = {name: v[index : index + 1] for name, v in self._variance.items()}
+        new._total = {name: v[index : index + 1] for name, v in self._total.items()}
+        new._captured_call = dict(self._captured_call)
+        return new
+
     def key(self, layer: LayerInfo) -> str:
         """One entry per layer: its module name."""
         return layer.name

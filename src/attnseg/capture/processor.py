@@ -26,11 +26,36 @@ from attnseg.errors import AttnSegError
 if TYPE_CHECKING:
     from attnseg.types import LayerInfo
 
-__all__ = ["AttentionSink", "CaptureProcessor"]
+__all__ = ["AttentionSink", "CaptureProcessor", "block_plan"]
 
 _PLAIN_PROCESSORS = {"AttnProcessor", "AttnProcessor2_0"}
 _CPU_BLOCK = 4 * 2**20
 _DEVICE_BLOCK = 256 * 2**20
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def block_plan(
+    batch: int,
+    heads: int,
+    queries: int,
+    keys: int,
+    *,
+    chunk_bytes: int | None = None,
+    device_type: str = "cpu",
+    split_queries: bool = True,
+) -> tuple[int, int]:
+    """``(heads, query rows)`` of one block of float32 probabilities, as :class:`CaptureProcessor` cuts them.
+
+    A block holds ``batch * heads * rows * keys`` floats, at most ``chunk_bytes`` (default 4 MiB on the CPU,
+    256 MiB elsewhere) but never less than one head and 16 query rows (all query rows when the sink takes
+    whole heads, ``split_queries=False``). The memory estimate (:mod:`attnseg.capture.memory`) uses the same plan.
+    """
+    row_bytes = batch * keys * 4  # one query row of one head, float32
+    budget = chunk_bytes or (_CPU_BLOCK if device_type == "cpu" else _DEVICE_BLOCK)
+    min_rows = min(queries, 16) if split_queries else queries
+    head_step = max(1, min(heads, budget // max(row_bytes * min_rows, 1)))
+    q_step = max(min_rows, budget // max(row_bytes * head_step, 1)) if split_queries else queries
+    return head_step, min(q_step, queries)
 
 
 class AttentionSink(Protocol):
@@ -174,18 +199,20 @@ class CaptureProcessor:
         Blocks of query rows keep each block's scores in cache (a flash-attention-like tiling without the
         online softmax: every block sees all keys), which is what makes explicit probabilities affordable.
         Sinks whose ``add_chunk`` takes no ``queries`` argument get whole heads.
+
+        Precision: the scores ``q k^T`` and their softmax are computed in float32 whatever the model's dtype (as a
+        fused fp16/bf16 kernel keeps its scores in float32), so the probabilities the sink sees carry no half-
+        precision rounding; the output ``probs @ v`` is computed in the model's dtype, as the fused path does.
         """
         b, h, nq, d = q.shape
         nk = k.shape[2]
         scale = attn.scale if self._use_module_scale else 1.0 / math.sqrt(d)
-        upcast = bool(getattr(attn, "upcast_attention", False))
-        row_bytes = b * nk * 4  # one query row of one head, float32
-        chunk_bytes = self.chunk_bytes or (_CPU_BLOCK if q.device.type == "cpu" else _DEVICE_BLOCK)
+        upcast = bool(getattr(attn, "upcast_attention", False)) or q.dtype in _HALF
+        head_step, q_step = block_plan(
+            b, h, nq, nk, chunk_bytes=self.chunk_bytes, device_type=q.device.type, split_queries=self._split_queries
+        )
         split_queries = self._split_queries
-        min_rows = min(nq, 16) if split_queries else nq
-        head_step = max(1, min(h, chunk_bytes // max(row_bytes * min_rows, 1)))
-        q_step = max(min_rows, chunk_bytes // max(row_bytes * head_step, 1)) if split_queries else nq
-        q = q * scale  # scaling q (N x d) is cheaper than scaling the N x N scores
+        q = (q.float() if upcast else q) * scale  # scaling q (N x d) is cheaper than scaling the N x N scores
         out = torch.empty_like(v[..., :1, :].expand(b, h, nq, d)) if compute_output else None
         for h0 in range(0, h, head_step):
             hs = slice(h0, min(h, h0 + head_step))
@@ -195,7 +222,7 @@ class CaptureProcessor:
             for q0 in range(0, nq, q_step):
                 qs = slice(q0, min(nq, q0 + q_step))
                 qc = q[:, hs, qs]
-                scores = torch.matmul(qc.float() if upcast else qc, kt).float()
+                scores = torch.matmul(qc, kt).float()
                 if mask_h is not None:
                     scores += mask_h[..., qs, :] if mask_h.shape[-2] == nq else mask_h
                 probs = scores.softmax(dim=-1)

@@ -13,16 +13,20 @@ smaller ones, never 16 x 8 full maps.
 
 from __future__ import annotations
 
+import copy
 import json
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from attnseg.errors import AttnSegError, ConfigError
 from attnseg.types import LayerInfo
+
+if TYPE_CHECKING:
+    from attnseg.capture.memory import MemoryItem
 
 __all__ = ["AttentionStore"]
 
@@ -52,6 +56,12 @@ def read_store_file(
     return header, tensors
 
 
+def _describe_key(key: str) -> str:
+    """``"self/64x64"`` -> ``"self-attention at 64x64"``; a layer name stays as it is."""
+    kind, sep, grid = key.partition("/")
+    return f"{kind}-attention at {grid}" if sep else key
+
+
 @dataclass
 class _Entry:
     kind: str
@@ -71,7 +81,8 @@ class AttentionStore:
         batch: which batch items to keep, e.g. ``slice(1, 2)`` for the conditional half of a
             classifier-free-guidance batch of 2; None keeps all.
         dtype: storage dtype of the accumulators (float32 by default; float16 halves memory).
-        device: where accumulators live (maps are moved there as they arrive).
+        device: where accumulators live (maps are moved there as they arrive). Put it on the device that runs the
+            model (the pipeline does): accumulating there moves nothing to the host during the forward pass.
         meta: free-form JSON-able metadata saved with the store (image size, prompt, timestep...).
 
     Example:
@@ -100,7 +111,9 @@ class AttentionStore:
         self.group = group
         self.batch = batch
         self.dtype = dtype
-        self.device = torch.device(device)
+        from attnseg.devices import as_device
+
+        self.device = as_device(device)  # "cuda" -> "cuda:<current>", so that it compares equal to tensors' devices
         self.meta: dict[str, Any] = dict(meta or {})
         self.layers: dict[str, LayerInfo] = {}
         self._entries: dict[str, _Entry] = {}
@@ -163,15 +176,66 @@ class AttentionStore:
             entry.sum[:, heads, queries] += probs.to(self.device, self.dtype)
 
     def _zeros(self, shape: tuple[int, ...], what: str) -> torch.Tensor:
-        """A zero accumulator, refused with a clear error when it cannot fit in the memory available."""
-        if self.device.type == "cpu":
-            from attnseg.methods.ops import check_memory
+        """A zero accumulator, refused with a clear error when it cannot fit in the memory available on the
+        store's device."""
+        from attnseg.methods.ops import check_memory
 
-            numel = 1
-            for n in shape:
-                numel *= n
-            check_memory(numel * torch.empty((), dtype=self.dtype).element_size(), what)
+        numel = 1
+        for n in shape:
+            numel *= n
+        check_memory(numel * torch.empty((), dtype=self.dtype).element_size(), what, device=self.device)
         return torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    def kept_batch(self, batch: int) -> int:
+        """How many of a forward pass's ``batch`` items this store keeps (its ``batch`` slice applied)."""
+        return len(range(batch)[self.batch]) if self.batch is not None else batch
+
+    def memory_items(
+        self, layers: Mapping[str, LayerInfo], *, batch: int = 1, text_tokens: int = 0
+    ) -> list[MemoryItem]:
+        """What this store will hold when ``layers`` are captured, from their shapes alone (nothing is allocated).
+
+        Used by :func:`attnseg.capture.memory.estimate_capture` before the forward pass. Subclasses that keep other
+        tensors override it.
+
+        Args:
+            layers: the layers that will be captured.
+            batch: batch items of the forward pass (before the store's ``batch`` slice).
+            text_tokens: length ``T`` of the text sequence (the keys of cross-attention).
+
+        Returns:
+            ``"kept"`` items: one accumulator per storage key, ``(B, Q, K)`` (or ``(B, H, Q, K)`` with
+            ``heads="all"``) in the store's dtype.
+        """
+        from attnseg.capture.memory import MemoryItem, key_tokens, nbytes
+
+        b = self.kept_batch(batch)
+        shapes: dict[str, tuple[int, ...]] = {}
+        for info in layers.values():
+            k = key_tokens(info, text_tokens)
+            shape = (b, info.num_tokens, k) if self.heads == "mean" else (b, info.heads, info.num_tokens, k)
+            shapes.setdefault(self.key(info), shape)
+        return [
+            MemoryItem(f"the {_describe_key(key)} maps", nbytes(shape, self.dtype), "kept", str(self.device))
+            for key, shape in shapes.items()
+        ]
+
+    def item(self, index: int) -> AttentionStore:
+        """A store holding batch item ``index`` only, as views of this store's tensors (no copy).
+
+        With a batch of images captured in one forward pass, ``store.item(i)`` is what a method reads to segment
+        image ``i`` (methods read batch item 0).
+        """
+        new = copy.copy(self)
+        new._entries = {
+            key: replace(e, sum=None if e.sum is None else e.sum[index : index + 1]) for key, e in self._entries.items()
+        }
+        new.features = {name: v[index : index + 1] for name, v in self.features.items()}
+        new._feature_counts = dict(self._feature_counts)
+        new.layers = dict(self.layers)
+        new.meta = dict(self.meta)
+        new.batch = None
+        return new
 
     def end_call(self, layer: LayerInfo) -> None:
         """Mark one call of ``layer`` (all heads) as complete: the running mean's count grows by one."""

@@ -53,7 +53,7 @@ class AttentionTracer:
 
     Args:
         model: an adapter, or the denoiser module itself (then ``layers`` must be given).
-        store: where maps go (a new :class:`AttentionStore` by default).
+        store: where maps go (a new :class:`AttentionStore` on the denoiser's device by default).
         select: which layers (see :func:`select_layers`).
         layers: layer descriptions; by default ``adapter.attention_layers(size)``.
         size: pixel size of the input the layers are prepared for (adapter only).
@@ -97,7 +97,10 @@ class AttentionTracer:
         self.layers = select_layers(layers, select)
         if not self.layers:
             raise ConfigError("the layer selection matched no attention layer")
-        self.store = store if store is not None else AttentionStore()
+        if store is None:  # on the model's device: maps accumulate where they are computed
+            first = next(self.denoiser.parameters(), None)
+            store = AttentionStore(device=first.device if first is not None else "cpu")
+        self.store = store
         self.mode = mode
         self.chunk_bytes = chunk_bytes
         # sinks that need per-head outputs (GoCA head weights, per-head PCA) say so themselves

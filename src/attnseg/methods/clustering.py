@@ -704,7 +704,8 @@ class PCAClustering:
         self, adapter: DiffusionAdapter | None, layers: dict[str, LayerInfo], meta: dict[str, Any]
     ) -> PCAHeadStore:
         """A :class:`PCAHeadStore` keeping ``n_components`` per head of the last captured call."""
-        return PCAHeadStore(n_components=self.n_components, reading=self.reading, step="last", meta=meta)
+        device = adapter.device if adapter is not None else "cpu"  # the maps' device: nothing moves to the host
+        return PCAHeadStore(n_components=self.n_components, reading=self.reading, step="last", meta=meta, device=device)
 
     @staticmethod
     def load_store(path: str | Path) -> PCAHeadStore:

@@ -143,9 +143,8 @@ def _aggregate(
     ws = _resolve_weights(resolutions, weights)
     big = max(resolutions)
     n_big = big * big
-    if entries[0][1].device.type == "cpu":
-        # the aggregate, one resized resolution and the merge's log-maps: about three R^4 float32 tensors
-        check_memory(3 * n_big * n_big * 4, f"aggregating self-attention at {big}x{big}")
+    # the aggregate, one resized resolution and the merge's log-maps: about three R^4 float32 tensors
+    check_memory(3 * n_big * n_big * 4, f"aggregating self-attention at {big}x{big}", device=entries[0][1].device)
 
     out: torch.Tensor | None = None
     # The largest grid first: its weighted copy becomes the accumulator (no extra R^4 zero-fill).

@@ -822,7 +822,7 @@ class GoCA:
             out_weights=out_weights, head_method=self.head_method,
             reference_layers=set(pairs.values()), reference_grid=reference_grid,
             refine_layers=refine, refine_grid=map_grid if refine else None,
-            meta={**meta, "goca": goca_meta},
+            meta={**meta, "goca": goca_meta}, device=adapter.device,
         )
 
     # -- segmentation ------------------------------------------------------------------------------------------------
@@ -942,7 +942,7 @@ class GoCA:
         else:
             entity = {n: agg[:, list(idx)].mean(1) for n, idx in tokens.items()}
         h, w = map_grid
-        zero = torch.zeros(h, w)
+        zero = torch.zeros(h, w, device=agg.device)
         names_all = list(tokens)
         stacked = torch.stack([entity[n].reshape(h, w) for n in names_all]) if names_all else zero[None, :0]
         stacked = minmax(gaussian_blur(stacked, kernel_size=self.blur_kernel_size, sigma=self.blur_sigma),

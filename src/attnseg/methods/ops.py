@@ -229,29 +229,45 @@ def minmax(x: torch.Tensor, dims: int | Sequence[int], *, eps: float = 0.0) -> t
     return torch.where(span > 0, out, torch.zeros_like(out))
 
 
-def available_memory_bytes() -> int | None:
-    """Memory the OS says is available (Linux ``MemAvailable``), or None where it cannot be read."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
+def available_memory_bytes(device: torch.device | str | None = None) -> int | None:
+    """Memory free now on ``device`` (None: the host), or None where it cannot be read.
+
+    Reads the device that will hold the tensors: the host's ``MemAvailable`` for the CPU,
+    ``torch.cuda.mem_get_info`` (plus the caching allocator's unused blocks) for CUDA, Metal's recommended working
+    set minus what is allocated for MPS; see :func:`attnseg.devices.available_memory_bytes`.
+    """
+    from attnseg.devices import available_memory_bytes as read
+
+    return read(device)
 
 
-def check_memory(nbytes: int, what: str, *, fraction: float = 0.5) -> None:
-    """Refuse, with a clear error, work whose tensors would not fit in the memory available now.
+def check_memory(
+    nbytes: int, what: str, *, device: torch.device | str | None = "cpu", fraction: float | None = None
+) -> None:
+    """Refuse, with a clear error, work whose tensors would not fit in the memory available now on ``device``.
 
     Without this, an (R, R, R, R) aggregate at R = 128 (SD 1.5 at 1024 px) gets the process killed by the
-    OS with no message. Only CPU tensors are checked; where the available memory is unknown it passes.
+    OS with no message (or a CUDA out-of-memory error deep inside a kernel). Where the available memory is
+    unknown it passes.
+
+    Args:
+        nbytes: the bytes the work will hold at once.
+        what: what needs them, for the message (e.g. ``"aggregating self-attention at 64x64"``).
+        device: the device that will hold the tensors (a ``torch.device``, ``"cpu"``, ``"cuda:0"``...).
+        fraction: the share of the available memory allowed; default 0.5 on the CPU (shared with the OS and other
+            processes) and 0.8 on accelerators (see :func:`attnseg.devices.default_check_fraction`).
+
+    Raises:
+        AttnSegError: naming the size, the device and the fix.
     """
+    from attnseg.devices import default_check_fraction, describe_device
     from attnseg.errors import AttnSegError
 
-    available = available_memory_bytes()
-    if available is not None and nbytes > fraction * available:
+    share = default_check_fraction(device) if fraction is None else fraction
+    available = available_memory_bytes(device)
+    if available is not None and nbytes > share * available:
         raise AttnSegError(
-            f"{what} needs about {nbytes / 2**30:.1f} GiB, more than {fraction:.0%} of the "
-            f"{available / 2**30:.1f} GiB available; use a smaller input size (--size) or fewer/lower-resolution layers"
+            f"{what} needs about {nbytes / 2**30:,.1f} GiB, more than {share:.0%} of the "
+            f"{available / 2**30:.1f} GiB available on {describe_device(device)}; "
+            "use a smaller input size (--size) or fewer/lower-resolution layers"
         )

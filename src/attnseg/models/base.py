@@ -81,7 +81,12 @@ class DiffusionAdapter(ABC):
     def add_noise(
         self, latents: torch.Tensor, timestep: int, *, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """Noise clean latents to ``timestep`` with the model's training schedule (seeded)."""
+        """Noise clean latents to ``timestep`` with the model's training schedule (seeded).
+
+        Implementations draw the noise on the generator's device (the CPU when there is no generator) and move it
+        to the latents' device, so that one seed gives the same noise on every device (the pipeline passes a CPU
+        generator). Drawing on the accelerator would give different numbers for the same seed.
+        """
 
     @abstractmethod
     def denoise(self, latents: torch.Tensor, timestep: int, prompt: Prompt) -> torch.Tensor:

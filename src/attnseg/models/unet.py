@@ -229,10 +229,17 @@ class UNetAdapter(DiffusionAdapter):
     def add_noise(
         self, latents: torch.Tensor, timestep: int, *, generator: torch.Generator | None = None
     ) -> torch.Tensor:
+        """``sqrt(abar_t) x + sqrt(1 - abar_t) eps`` with the scheduler's training schedule, in float32.
+
+        ``eps`` is drawn in float32 on the **generator's** device (the CPU for the pipeline's seeded generator, and
+        for no generator), then moved to the latents' device: a seed gives the same noise on the CPU, CUDA and
+        MPS, at the cost of one host-to-device copy of a latent-sized tensor.
+        """
         self._check_timestep(timestep)
-        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=torch.float32)
-        abar = self.scheduler.alphas_cumprod[timestep].float()
-        noisy = abar.sqrt() * latents.float() + (1 - abar).sqrt() * noise
+        draw_on = generator.device if generator is not None else torch.device("cpu")
+        noise = torch.randn(latents.shape, generator=generator, device=draw_on, dtype=torch.float32)
+        abar = self.scheduler.alphas_cumprod[timestep].float().to(latents.device)
+        noisy = abar.sqrt() * latents.float() + (1 - abar).sqrt() * noise.to(latents.device)
         return noisy.to(latents.dtype)
 
     def _check_timestep(self, timestep: int) -> None:
