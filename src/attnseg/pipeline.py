@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -12,16 +15,76 @@ import torch
 from attnseg.capture.store import AttentionStore
 from attnseg.capture.tracer import AttentionTracer
 from attnseg.errors import ConfigError
-from attnseg.io.images import load_image, tensor_to_pil
+from attnseg.io.geometry import DEFAULT_FIT, Fit, Placement, check_fit, place
+from attnseg.io.images import MAX_PIXELS, DecodedImage, read_image
 from attnseg.methods.base import RunOptions, Segmenter, create_method
 
 if TYPE_CHECKING:
     from PIL import Image
 
     from attnseg.models.base import DiffusionAdapter
-    from attnseg.types import Prompt, SegmentationResult
+    from attnseg.types import LayerInfo, Prompt, SegmentationResult
 
-__all__ = ["AttentionSegmentationPipeline", "PipelineOutput"]
+__all__ = ["AttentionSegmentationPipeline", "PipelineOutput", "PreparedImage", "decode_side", "prepare_image"]
+
+#: images are decoded at up to this many times the model input's longer side (at least MIN_DECODE_SIDE px):
+#: enough for sharp overlays at the original size, without decoding every pixel of a 24-megapixel photo
+DECODE_FACTOR = 4
+MIN_DECODE_SIDE = 1024
+
+
+def decode_side(size: tuple[int, int]) -> int:
+    """The longer side images are reduced to while decoding, for a model input of ``size = (H, W)``."""
+    return max(DECODE_FACTOR * max(size), MIN_DECODE_SIDE)
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """An input image, decoded and placed in the model input.
+
+    Attributes:
+        decoded: the image as read (upright RGB, maybe reduced while decoding; ``decoded.size`` is the original).
+        placement: where it sits in the model input.
+        shown: the model input as an RGB image of ``placement.model`` size.
+    """
+
+    decoded: DecodedImage
+    placement: Placement
+    shown: Image.Image
+
+
+def prepare_image(
+    adapter: DiffusionAdapter,
+    image: Any,
+    *,
+    size: tuple[int, int] | None = None,
+    fit: Fit = DEFAULT_FIT,
+    method: Segmenter | None = None,
+    max_pixels: int = MAX_PIXELS,
+) -> PreparedImage:
+    """Decode ``image`` (path, PIL image, array, tensor or :class:`DecodedImage`) and place it in the model input.
+
+    Args:
+        adapter: gives the default ``resolution`` and the ``size_multiple`` that ``fit="native"`` needs.
+        size: ``(H, W)`` model input (for ``"native"``: the area to keep); default ``adapter.resolution``.
+        fit: see :mod:`attnseg.io.geometry`.
+        method: checked for ``square_grids`` when ``fit="native"`` gives a non-square input.
+        max_pixels: refuse larger images (see :func:`attnseg.io.images.read_image`).
+    """
+    fit = check_fit(fit)
+    res = tuple(size) if size is not None else tuple(adapter.resolution)
+    if fit == "native" and adapter.size_multiple is None:
+        raise ConfigError(f"fit 'native' needs a model that accepts any aspect ratio; {adapter.family} models take "
+                          f"{res[0]}x{res[1]} only: use fit 'pad' (or 'resize')")
+    decoded = image if isinstance(image, DecodedImage) else read_image(
+        image, max_side=decode_side(res), max_pixels=max_pixels  # type: ignore[arg-type]
+    )
+    placement = place(decoded.size, res, fit, multiple=adapter.size_multiple)  # type: ignore[arg-type]
+    mh, mw = placement.model
+    if mh != mw and method is not None and getattr(method, "square_grids", False):
+        raise ConfigError(f"fit 'native' gives a {mw}x{mh} input for this image, but {method.name} needs square "
+                          "attention grids: use fit 'pad' (or 'resize', 'crop')")
+    return PreparedImage(decoded=decoded, placement=placement, shown=placement.apply(decoded.image))
 
 
 @dataclass(frozen=True)
@@ -29,14 +92,64 @@ class PipelineOutput:
     """Everything one image produced.
 
     Attributes:
-        result: the segmentation, at the size of :attr:`image`.
-        image: the input as the model saw it (cropped/resized RGB).
+        model_result: the segmentation at the model input size (as the method returned it).
+        image: the model input as the model saw it (placed: letterboxed, resized or cropped RGB).
         store: the captured attention (save it to re-run methods without the model).
+        placement: where the image sat in the model input (None: the model input was the image).
+        source: the input as decoded (upright RGB; reduced while decoding when large).
     """
 
-    result: SegmentationResult
+    model_result: SegmentationResult
     image: Image.Image
     store: AttentionStore
+    placement: Placement | None = None
+    source: Image.Image | None = None
+
+    @cached_property
+    def result(self) -> SegmentationResult:
+        """The segmentation at the original image's pixel size (labels nearest, scores bilinear), computed on
+        first use; ``meta["geometry"]`` records the fit, the model input size and the boxes."""
+        p = self.placement
+        if p is None or self.model_result.size != p.model:
+            return self.model_result
+        return p.result_to_original(self.model_result)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """``(H, W)`` of the original image."""
+        return self.placement.original if self.placement is not None else self.model_result.size
+
+
+class _FanOut:
+    """One capture sink for a batch: hands every chunk to one store per batch item (each store keeps its own
+    item through its ``batch`` slice)."""
+
+    def __init__(self, stores: Sequence[AttentionStore]) -> None:
+        self.stores = list(stores)
+        self.wants_outputs = any(getattr(s, "wants_outputs", False) for s in self.stores)
+        if not all("queries" in inspect.signature(s.add_chunk).parameters for s in self.stores):
+            self.add_chunk = self._add_whole_heads  # type: ignore[method-assign]
+
+    def add_chunk(
+        self, layer: LayerInfo, probs: torch.Tensor, heads: slice, out: torch.Tensor | None = None,
+        *, queries: slice = slice(None),
+    ) -> None:
+        for s in self.stores:
+            s.add_chunk(layer, probs, heads, out, queries=queries)
+
+    def _add_whole_heads(
+        self, layer: LayerInfo, probs: torch.Tensor, heads: slice, out: torch.Tensor | None = None
+    ) -> None:
+        for s in self.stores:
+            s.add_chunk(layer, probs, heads, out)
+
+    def end_call(self, layer: LayerInfo) -> None:
+        for s in self.stores:
+            s.end_call(layer)
+
+    def add_feature(self, name: str, value: torch.Tensor) -> None:
+        for s in self.stores:
+            s.add_feature(name, value)
 
 
 class AttentionSegmentationPipeline:
@@ -46,12 +159,15 @@ class AttentionSegmentationPipeline:
         adapter: a model adapter (see :func:`attnseg.load_model`).
         method: a :class:`~attnseg.methods.base.Segmenter` or a registered method name.
         mode: capture mode, ``"reuse"`` (fast) or ``"beside"`` (bit-identical model outputs).
+        fit: how images are placed in the model input (default ``"pad"``: nothing lost, see
+            :mod:`attnseg.io.geometry`); :meth:`run` can override it per call.
         **method_kwargs: hyper-parameters when ``method`` is a name.
 
     Example:
         >>> pipe = AttentionSegmentationPipeline.from_pretrained("toyworld", "diffseg")  # doctest: +SKIP
-        >>> out = pipe.run("scene.png", seed=0)  # doctest: +SKIP
-        >>> out.result.labels.shape  # doctest: +SKIP
+        >>> out = pipe.run("panorama.jpg", seed=0)  # doctest: +SKIP
+        >>> out.result.size == out.size  # masks at the photo's own size  # doctest: +SKIP
+        True
     """
 
     def __init__(
@@ -60,6 +176,7 @@ class AttentionSegmentationPipeline:
         method: Segmenter | str = "diffseg",
         *,
         mode: Literal["reuse", "beside"] = "reuse",
+        fit: Fit = DEFAULT_FIT,
         **method_kwargs: Any,
     ) -> None:
         if isinstance(method, str):
@@ -69,6 +186,7 @@ class AttentionSegmentationPipeline:
         self.adapter = adapter
         self.method = method
         self.mode = mode
+        self.fit = check_fit(fit)
 
     @classmethod
     def from_pretrained(
@@ -83,59 +201,95 @@ class AttentionSegmentationPipeline:
         """The method's run options with non-None ``overrides`` applied."""
         return replace(self.method.run_options(), **{k: v for k, v in overrides.items() if v is not None})
 
+    def prepare(self, image: Any, *, size: tuple[int, int] | None = None, fit: Fit | None = None,
+                max_pixels: int = MAX_PIXELS) -> PreparedImage:
+        """Decode and place one image (see :func:`prepare_image`)."""
+        return prepare_image(self.adapter, image, size=size, fit=fit or self.fit, method=self.method,
+                             max_pixels=max_pixels)
+
     def capture(self, image: Any, **kwargs: Any) -> tuple[AttentionStore, Image.Image]:
         """One denoiser pass over ``image`` with the method's layers captured (keywords as :meth:`run`).
 
         Returns the store and the image as the model saw it.
         """
-        store, shown, _ = self._capture(image, **kwargs)
-        return store, shown
+        prepared = self.prepare(image, size=kwargs.pop("size", None), fit=kwargs.pop("fit", None))
+        (store,), _ = self._capture([prepared], **kwargs)
+        return store, prepared.shown
 
     @torch.no_grad()
     def _capture(
         self,
-        image: Any,
+        batch: Sequence[PreparedImage],
         *,
         prompt: str | None = None,
         timestep: int | None = None,
         add_noise: bool | None = None,
         seed: int | None = 0,
         generator: torch.Generator | None = None,
-        size: tuple[int, int] | None = None,
-    ) -> tuple[AttentionStore, Image.Image, Prompt]:
+    ) -> tuple[list[AttentionStore], Prompt]:
+        """One denoiser pass over a batch of prepared images of one model size; one store per image.
+
+        Every image draws its randomness (posterior sample, noise) from its own generator seeded with ``seed``
+        (or from ``generator`` for a batch of one), so a batch gives each image what a run of one gives it.
+        """
+        sizes = {p.placement.model for p in batch}
+        if len(sizes) != 1:
+            raise ConfigError(f"a batch runs at one model input size; got {sorted(sizes)}")
+        if generator is not None and len(batch) > 1:
+            raise ConfigError("generator= serves one image; give batches a seed")
+        size = sizes.pop()
         opts = self.options(prompt=prompt, timestep=timestep, add_noise=add_noise)
         adapter = self.adapter
-        size = size or adapter.resolution
-        pil = load_image(image, min_size=1)
-        pixels = adapter.preprocess(pil, size)
-        if generator is None and seed is not None:
-            generator = torch.Generator(device="cpu").manual_seed(seed)
+        pixels = torch.cat([adapter.preprocess(p.shown, size) for p in batch])
+        generators: list[torch.Generator | None] = [
+            generator if generator is not None else
+            (torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None)
+            for _ in batch
+        ]
         layers = adapter.attention_layers(size)
         selected = self.method.select_layers(layers)
         text = opts.prompt
         encoded = adapter.encode_prompt(text)
-        latents = adapter.encode_image(pixels, sample=opts.sample_posterior, generator=generator)
-        if opts.add_noise:
-            latents = adapter.add_noise(latents, opts.timestep, generator=generator)
-        meta = {
-            "image_size": list(size), "prompt": text, "timestep": opts.timestep, "add_noise": opts.add_noise,
-            "model": getattr(adapter, "name", ""), "family": adapter.family, "seed": seed,
-            "tokens": list(encoded.tokens[: encoded.length]),
-        }
-        make_store = getattr(self.method, "make_store", None)
-        if make_store is not None:
-            store = make_store(adapter, {n: layers[n] for n in selected}, meta)
+        if opts.sample_posterior:
+            latents = torch.cat([
+                adapter.encode_image(pixels[i : i + 1], sample=True, generator=g) for i, g in enumerate(generators)
+            ])
         else:
-            store = AttentionStore(heads=opts.heads, group=opts.group, meta=meta)  # type: ignore[arg-type]
+            latents = adapter.encode_image(pixels, sample=False)
+        if opts.add_noise:
+            latents = torch.cat([
+                adapter.add_noise(latents[i : i + 1], opts.timestep, generator=g) for i, g in enumerate(generators)
+            ])
+        make_store = getattr(self.method, "make_store", None)
+        stores: list[AttentionStore] = []
+        for i, prepared in enumerate(batch):
+            meta = {
+                "image_size": list(size), "prompt": text, "timestep": opts.timestep, "add_noise": opts.add_noise,
+                "model": getattr(adapter, "name", ""), "family": adapter.family, "seed": seed,
+                "tokens": list(encoded.tokens[: encoded.length]), "geometry": prepared.placement.to_dict(),
+            }
+            if make_store is not None:
+                store = make_store(adapter, {n: layers[n] for n in selected}, meta)
+            else:
+                store = AttentionStore(heads=opts.heads, group=opts.group, meta=meta)  # type: ignore[arg-type]
+            if len(batch) > 1:
+                store.batch = slice(i, i + 1)
+            stores.append(store)
         features = getattr(self.method, "features", None)
+        sink: Any = stores[0] if len(stores) == 1 else _FanOut(stores)
         start = time.perf_counter()
         with AttentionTracer(
-            adapter, store, select=selected, layers=layers, mode=self.mode,
+            adapter, sink, select=selected, layers=layers, mode=self.mode,
             features=features(adapter) if features is not None else (),
         ):
             adapter.denoise(latents, opts.timestep, encoded)
-        store.meta["denoise_seconds"] = round(time.perf_counter() - start, 4)
-        return store, tensor_to_pil(pixels), encoded
+        seconds = round(time.perf_counter() - start, 4)
+        for store in stores:
+            store.batch = None
+            store.meta["denoise_seconds"] = seconds
+            if len(stores) > 1:
+                store.meta["batch_size"] = len(stores)
+        return stores, encoded
 
     def segment_store(self, store: AttentionStore, *, prompt: str | None = None) -> SegmentationResult:
         """Run the method on a (possibly loaded) store; the prompt is re-encoded for token lookup."""
@@ -144,25 +298,55 @@ class AttentionSegmentationPipeline:
         size = tuple(store.meta.get("image_size", ())) or None
         return self.method.segment(store, prompt=encoded, out_size=size)  # type: ignore[arg-type]
 
-    def run(self, image: Any, *, store_path: str | Path | None = None, **kwargs: Any) -> PipelineOutput:
+    def _segment(self, prepared: PreparedImage, store: AttentionStore, encoded: Prompt) -> PipelineOutput:
+        start = time.perf_counter()
+        result = self.method.segment(store, prompt=encoded, out_size=prepared.placement.model)
+        meta = {**result.meta, "segment_seconds": round(time.perf_counter() - start, 4),
+                "denoise_seconds": store.meta.get("denoise_seconds")}
+        return PipelineOutput(model_result=replace(result, meta=meta), image=prepared.shown, store=store,
+                              placement=prepared.placement, source=prepared.decoded.image)
+
+    def run(
+        self, image: Any, *, store_path: str | Path | None = None, size: tuple[int, int] | None = None,
+        fit: Fit | None = None, **kwargs: Any,
+    ) -> PipelineOutput:
         """Capture, then segment.
 
         Args:
-            image: a path, PIL image, array or tensor (see :func:`attnseg.io.images.load_image`).
+            image: a path, PIL image, array, tensor (see :func:`attnseg.io.images.read_image`) or
+                :class:`PreparedImage`.
             store_path: also save the captured attention there.
+            size: ``(H, W)`` model input size (default: the adapter's resolution; with ``fit="native"`` the
+                area kept).
+            fit: ``"pad"``, ``"resize"``, ``"crop"`` or ``"native"`` (default: the pipeline's).
             prompt, timestep, add_noise: override the method's run options.
             seed, generator: every random draw (posterior sample, noise).
-            size: ``(H, W)`` model input size (default: the adapter's resolution).
+
+        Returns:
+            :class:`PipelineOutput`; ``.result`` is at the original image's size.
         """
-        store, shown, encoded = self._capture(image, **kwargs)
+        prepared = image if isinstance(image, PreparedImage) else self.prepare(image, size=size, fit=fit)
+        (store,), encoded = self._capture([prepared], **kwargs)
         if store_path is not None:
             store.save(store_path)
-        start = time.perf_counter()
-        result = self.method.segment(store, prompt=encoded, out_size=(shown.size[1], shown.size[0]))
-        meta = {**result.meta, "segment_seconds": round(time.perf_counter() - start, 4),
-                "denoise_seconds": store.meta.get("denoise_seconds")}
-        return PipelineOutput(result=replace(result, meta=meta), image=shown, store=store)
+        return self._segment(prepared, store, encoded)
+
+    def run_batch(self, images: Sequence[Any], *, size: tuple[int, int] | None = None, fit: Fit | None = None,
+                  **kwargs: Any) -> list[PipelineOutput]:
+        """:meth:`run` on several images with one denoiser pass per model input size (images of one size run
+        together as a batch). Each image's output equals what :meth:`run` gives it, up to floating-point
+        rounding. ``generator`` is not accepted (give ``seed``); stores are not saved (use :meth:`run`)."""
+        prepared = [im if isinstance(im, PreparedImage) else self.prepare(im, size=size, fit=fit) for im in images]
+        outputs: list[PipelineOutput | None] = [None] * len(prepared)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, p in enumerate(prepared):
+            groups.setdefault(p.placement.model, []).append(i)
+        for indices in groups.values():
+            stores, encoded = self._capture([prepared[i] for i in indices], **kwargs)
+            for i, store in zip(indices, stores, strict=True):
+                outputs[i] = self._segment(prepared[i], store, encoded)
+        return [o for o in outputs if o is not None]
 
     def __call__(self, image: Any, **kwargs: Any) -> SegmentationResult:
+        """The segmentation of ``image`` at its own pixel size (keywords as :meth:`run`)."""
         return self.run(image, **kwargs).result
-

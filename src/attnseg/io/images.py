@@ -25,6 +25,7 @@ __all__ = [
     "expand_image_paths",
     "load_image",
     "pil_to_tensor",
+    "probe_image",
     "read_image",
     "resize_image",
     "significant_bits",
@@ -191,26 +192,26 @@ def _pixel_limit_error(name: str, width: int, height: int, max_pixels: int) -> I
 
 
 def _open(path: Path, max_pixels: int) -> Image.Image:
-    """``Image.open`` with Pillow's own bomb check set to ``max_pixels``; errors as :class:`ImageError`."""
+    """``Image.open`` (the header only), with errors as :class:`ImageError`; more than ``max_pixels`` pixels
+    is refused here, with the size in the message, before any pixel is decoded."""
     try:
         with _PIL_LIMIT_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             saved = Image.MAX_IMAGE_PIXELS
-            # Pillow refuses at twice its limit; ours is checked below, with the size in the message
-            Image.MAX_IMAGE_PIXELS = max(max_pixels, 1) // 2 + 1
+            Image.MAX_IMAGE_PIXELS = None  # our own limit is checked below, with the size in the message
             try:
-                return Image.open(path)
+                im = Image.open(path)
             finally:
                 Image.MAX_IMAGE_PIXELS = saved
-    except Image.DecompressionBombError:
-        raise ImageError(
-            f"{path} is over the limit of {max_pixels / 1e6:.0f} megapixels (a decompression bomb?); if it is "
-            "a real image, raise the limit (--max-megapixels)"
-        ) from None
     except UnidentifiedImageError:
         raise ImageError(f"{path} is not an image file (or an unsupported format)") from None
     except OSError as exc:
         raise ImageError(f"cannot read image {path}: {exc}") from None
+    width, height = im.size
+    if width * height > max_pixels:
+        im.close()
+        raise _pixel_limit_error(str(path), width, height, max_pixels)
+    return im
 
 
 def read_image(
@@ -271,9 +272,9 @@ def read_image(
             image = deep if deep is not None else to_rgb(im)
             if image is im and getattr(im, "fp", None) is not None:  # multi-frame files stay open: detach
                 image = im.copy()
-        except ImageError:
+        except (ImageError, MemoryError):
             raise
-        except (OSError, ValueError, SyntaxError) as exc:  # decoders raise these on damaged data
+        except Exception as exc:  # decoders raise many kinds of errors on damaged data (OSError, EOFError...)
             raise ImageError(f"cannot read image {path}: {exc}") from None
         finally:
             if image is not im:
@@ -303,6 +304,25 @@ def read_image(
     if max_side is not None and max(image.size) > max_side:
         image.thumbnail((max_side, max_side), Image.Resampling.BILINEAR, reducing_gap=2.0)
     return DecodedImage(image=image, size=(height, width), source=name, bit_depth=bits, orientation=orientation)
+
+
+def probe_image(path: str | Path, *, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+    """``(H, W)`` of an image file from its header alone (upright, EXIF orientation applied), with the errors
+    of :func:`read_image` for a missing file, a file that is not an image, or too many pixels."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageError(f"image not found: {path}")
+    if path.is_dir():
+        raise ImageError(f"{path} is a folder, not an image")
+    with _open(path, max_pixels) as im:
+        width, height = im.size
+        if width * height > max_pixels:
+            raise _pixel_limit_error(str(path), width, height, max_pixels)
+        try:
+            orientation = int(im.getexif().get(_ORIENTATION_TAG, 1) or 1) if im.format == "JPEG" else 1
+        except Exception:
+            orientation = 1
+    return (width, height) if orientation >= 5 else (height, width)
 
 
 def _array_16(arr: np.ndarray) -> Image.Image:

@@ -652,6 +652,8 @@ class DiffSeg:
 
     name: ClassVar[str] = "diffseg"
     requires: ClassVar[frozenset[AttentionKind]] = frozenset({"self"})
+    #: steps 1-3 align square self-attention grids; non-square inputs are refused before capture
+    square_grids: ClassVar[bool] = True
 
     def __init__(
         self,

@@ -318,6 +318,11 @@ class TargetSegmenter:
     name: ClassVar[str] = "target"
     requires: ClassVar[frozenset[AttentionKind]] = frozenset({"self", "cross"})
 
+    @property
+    def square_grids(self) -> bool:
+        """The guided variant aggregates self-attention as DiffSeg does, on square grids only."""
+        return self.variant == "guided"
+
     def __init__(
         self,
         *,
