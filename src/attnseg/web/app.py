@@ -43,8 +43,24 @@ class RequestOutput:
     json: Path
     heatmaps: list[tuple[Path, str]] = field(default_factory=list)
     legend: list[str] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)
     size: tuple[int, int] = (0, 0)
     seconds: float = 0.0
+
+    def legend_html(self) -> str:
+        """Colour chips with the segment names, in the overlay's colours."""
+        from html import escape
+
+        from attnseg.io.export import palette
+
+        cols = palette(max(self.ids, default=0) + 1)
+        chip = "display:inline-block;width:14px;height:14px;vertical-align:middle;border:1px solid #333"
+        chips = "".join(
+            f'<span style="display:inline-block;margin:2px 10px 2px 0"><span style="{chip};'
+            f'background:rgb{tuple(int(c) for c in cols[i])}"></span> {escape(name)}</span>'
+            for i, name in zip(self.ids, self.legend, strict=True)
+        )
+        return f'<div id="legend-chips">{chips}</div>'
 
     def status(self, method: str) -> str:
         h, w = self.size
@@ -140,7 +156,7 @@ def segment_request(
     heatmaps += [(Path(p), f"k = {key.split(':k', 1)[1]}") for key, p in written.items()
                  if key.startswith("overlay:k")]
     return RequestOutput(overlay=written["overlay"], labels=written["labels"], json=written["json"],
-                         heatmaps=heatmaps, legend=legend, size=output.size,
+                         heatmaps=heatmaps, legend=legend, ids=present, size=output.size,
                          seconds=time.perf_counter() - start)
 
 
@@ -170,10 +186,10 @@ def build_app(adapter: DiffusionAdapter, model_name: str, *, workdir: Path | Non
             )
         except AttnSegError as exc:
             message = f"**Error:** {exc}"
-            return (None, [], gr.update(value=None, interactive=False), gr.update(value=None, interactive=False),
-                    message)
+            return (None, "", [], gr.update(value=None, interactive=False),
+                    gr.update(value=None, interactive=False), message)
         gallery = [(str(p), caption) for p, caption in out.heatmaps]
-        return (str(out.overlay), gallery, gr.update(value=str(out.labels), interactive=True),
+        return (str(out.overlay), out.legend_html(), gallery, gr.update(value=str(out.labels), interactive=True),
                 gr.update(value=str(out.json), interactive=True), out.status(method))
 
     with gr.Blocks(title="attnseg", analytics_enabled=False) as demo:
@@ -204,8 +220,9 @@ def build_app(adapter: DiffusionAdapter, model_name: str, *, workdir: Path | Non
                 button = gr.Button("Segment", variant="primary", elem_id="run")
             with gr.Column(scale=1):
                 status = gr.Markdown("Upload an image or pick an example, then press Segment.", elem_id="status")
-                overlay = gr.Image(label="Overlay (legend in the corner)", type="filepath", interactive=False,
-                                   elem_id="overlay", format="png")
+                overlay = gr.Image(label="Overlay", type="filepath", interactive=False, elem_id="overlay",
+                                   format="png", height=360)
+                legend = gr.HTML(elem_id="legend")
                 heatmaps = gr.Gallery(label="Per-class heatmaps (clustering: one overlay per k)", columns=3,
                                       height=240, elem_id="heatmaps")
                 with gr.Row():
@@ -215,7 +232,7 @@ def build_app(adapter: DiffusionAdapter, model_name: str, *, workdir: Path | Non
         if examples:
             gr.Examples(examples=examples, inputs=[image], label="Examples")
         button.click(run, inputs=[image, method, classes, target, prompt, ks, kl, background, fit, seed],
-                     outputs=[overlay, heatmaps, labels, summary, status], concurrency_limit=1)
+                     outputs=[overlay, legend, heatmaps, labels, summary, status], concurrency_limit=1)
     demo.queue(default_concurrency_limit=1, max_size=32)
     demo.attnseg_workdir = workdir  # type: ignore[attr-defined]
     return demo
