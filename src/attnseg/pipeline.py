@@ -203,7 +203,9 @@ class AttentionSegmentationPipeline:
 
     def prepare(self, image: Any, *, size: tuple[int, int] | None = None, fit: Fit | None = None,
                 max_pixels: int = MAX_PIXELS) -> PreparedImage:
-        """Decode and place one image (see :func:`prepare_image`)."""
+        """Decode and place one image (see :func:`prepare_image`); a :class:`PreparedImage` is returned as is."""
+        if isinstance(image, PreparedImage):
+            return image
         return prepare_image(self.adapter, image, size=size, fit=fit or self.fit, method=self.method,
                              max_pixels=max_pixels)
 
