@@ -188,3 +188,33 @@ def test_a_batch_captures_what_single_runs_capture(tiny_adapter, rgb_image):
             torch.testing.assert_close(got.store.self_attention()[r], maps, rtol=1e-4, atol=1e-6)
         assert got.result.size == (48, 40) and got.store.meta["batch_size"] == 2
     assert not torch.equal(batch[0].store.self_attention()[16], batch[1].store.self_attention()[16])
+
+
+def test_web_requests_without_a_browser(tmp_path):
+    """The page's work function: every method writes outputs at the upload's size; bad input is a clear error."""
+    from attnseg.errors import ConfigError
+    from attnseg.models.loading import load_model
+    from attnseg.web import example_images
+    from attnseg.web.app import segment_request
+
+    adapter = load_model("toyworld")
+    upload = tmp_path / "wide.png"
+    Image.fromarray(_scene(110, 50)).save(upload)
+    settings = {"classes": "circle, square", "target": "circle", "ks": "2, 3"}
+    for method in ("diffseg", "goca", "target", "clustering"):
+        out = segment_request(adapter, str(upload), method, workdir=tmp_path, **settings)
+        assert np.asarray(Image.open(out.labels)).shape == (50, 110), method
+        assert Image.open(out.overlay).size == (110, 50)
+        assert json.loads(out.json.read_text())["geometry"]["original_size"] == [50, 110]
+        assert out.heatmaps and len(out.legend) == len(out.ids) >= 1
+        assert all(Image.open(p).size == (110, 50) for p, _ in out.heatmaps)
+    assert len(example_images()) >= 2 and all(Image.open(p).size[0] != Image.open(p).size[1]
+                                              for p in example_images())
+    with pytest.raises(ConfigError, match="no image"):
+        segment_request(adapter, None, "diffseg", workdir=tmp_path)
+    with pytest.raises(ConfigError, match="GoCA needs class names"):
+        segment_request(adapter, str(upload), "goca", workdir=tmp_path, classes=" , ")
+    with pytest.raises(ConfigError, match="k values must be whole numbers"):
+        segment_request(adapter, str(upload), "clustering", workdir=tmp_path, ks="two")
+    with pytest.raises(ConfigError, match="needs square attention grids"):
+        segment_request(adapter, str(upload), "diffseg", workdir=tmp_path, fit="native")

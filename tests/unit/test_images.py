@@ -166,3 +166,11 @@ def test_damaged_file_is_an_image_error(tmp_path):
     cut.write_bytes(good.read_bytes()[:200])
     with pytest.raises(ImageError, match="cannot read image"):
         read_image(cut)
+
+
+def test_reducing_an_in_memory_image_leaves_it_alone():
+    from attnseg.io.images import read_image
+
+    original = Image.new("RGB", (3000, 1000), (10, 200, 30))
+    d = read_image(original, max_side=600)
+    assert original.size == (3000, 1000) and d.image.size == (600, 200) and d.size == (1000, 3000)

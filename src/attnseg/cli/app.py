@@ -63,7 +63,7 @@ def demo(
     from attnseg.cli.common import TOY_NOTE
     from attnseg.cli.demo import run_demo
 
-    typer.echo(f"model: toyworld (bundled), {TOY_NOTE}")
+    typer.echo(f"the demo runs the bundled toy model, {TOY_NOTE}")
     with handle_errors():
         run_demo(out, seed=seed)
 

@@ -301,8 +301,10 @@ def read_image(
             width, height = height, width
     if min(width, height) < min_size:
         raise ImageError(f"{name} is {width}x{height} px; images must be at least {min_size} px a side")
-    if max_side is not None and max(image.size) > max_side:
-        image.thumbnail((max_side, max_side), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    if max_side is not None and max(image.size) > max_side:  # a new image: the caller's is never changed
+        r = max_side / max(image.size)
+        reduced = (max(1, round(image.width * r)), max(1, round(image.height * r)))
+        image = image.resize(reduced, Image.Resampling.BILINEAR, reducing_gap=2.0)
     return DecodedImage(image=image, size=(height, width), source=name, bit_depth=bits, orientation=orientation)
 
 
