@@ -1,4 +1,4 @@
-# attnseg: `make demo` runs the offline demo, `make test` runs the test suite.
+# attnseg: `make demo` runs the offline demo, `make serve` the web page, `make test` the test suite.
 # `make mutation` runs mutation testing of the core (slow; not part of `make test`).
 # All of them create .venv and install torch 2.13.0 (CPU wheel) first when needed.
 PYTHON ?= python3
@@ -6,19 +6,23 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.attnseg-installed
 
-.PHONY: demo test lint bench mutation clean
+.PHONY: demo serve test lint bench mutation clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,app]"
 	# the real CLIP BPE vocabulary used by the tests ships inside open_clip_torch (its data file only)
 	$(PY) -m pip install -q --no-deps open_clip_torch
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/attnseg demo --out out/demo
+
+# the web page on http://127.0.0.1:7860 with the bundled toy model (MODEL=... for another one)
+serve: $(STAMP)
+	$(VENV)/bin/attnseg serve --model $(or $(MODEL),toyworld)
 
 test: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks

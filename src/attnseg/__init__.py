@@ -45,6 +45,8 @@ _EXPORTS = {
     "img2img_capture": "attnseg.generation",
     "find_word": "attnseg.prompts",
     "load_image": "attnseg.io.images",
+    "read_image": "attnseg.io.images",
+    "Placement": "attnseg.io.geometry",
 }
 
 __all__ = [
@@ -61,6 +63,7 @@ __all__ = [
     "ModelNotFoundError",
     "PCAClustering",
     "PipelineOutput",
+    "Placement",
     "Prompt",
     "SegmentationResult",
     "Segmenter",
@@ -77,6 +80,7 @@ __all__ = [
     "list_methods",
     "load_image",
     "load_model",
+    "read_image",
 ]
 
 
@@ -105,7 +109,8 @@ if TYPE_CHECKING:
         UnsupportedModelError,
     )
     from attnseg.generation import generate, img2img_capture
-    from attnseg.io.images import load_image
+    from attnseg.io.geometry import Placement
+    from attnseg.io.images import load_image, read_image
     from attnseg.methods.base import Segmenter, create_method, list_methods
     from attnseg.methods.clustering import PCAClustering
     from attnseg.methods.diffseg import DiffSeg

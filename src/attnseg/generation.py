@@ -30,6 +30,7 @@ from attnseg.methods.base import Segmenter, create_method
 if TYPE_CHECKING:
     from PIL import Image
 
+    from attnseg.io.geometry import Fit, Placement
     from attnseg.methods.clustering import ClusteringResult
     from attnseg.models.base import DiffusionAdapter
     from attnseg.types import LayerInfo, Prompt, SegmentationResult
@@ -45,14 +46,19 @@ class CaptureOutput:
 
     Attributes:
         store: the attention captured at the last denoiser call (its ``meta`` logs the timesteps).
-        image: the input as the model saw it (cropped/resized RGB).
+        image: the input as the model saw it (placed: letterboxed, resized or cropped RGB).
         timesteps: the timesteps run, in order; the first is the one the clean latent was noised to, the
             last the captured call.
+        placement: where the image sat in the model input (maps back to the original size with
+            ``placement.result_to_original``).
+        source: the input as decoded (upright RGB, maybe reduced while decoding).
     """
 
     store: AttentionStore
     image: Image.Image
     timesteps: tuple[int, ...]
+    placement: Placement | None = None
+    source: Image.Image | None = None
 
 
 @dataclass(frozen=True)
@@ -154,6 +160,7 @@ def img2img_capture(
     size: tuple[int, int] | None = None,
     scheduler: SchedulerKind | Any = "ddim",
     mode: Literal["reuse", "beside"] = "reuse",
+    fit: Fit = "pad",
 ) -> CaptureOutput:
     """Light img2img on a real image, capturing the method's layers at the last denoiser call (paper §5).
 
@@ -171,14 +178,17 @@ def img2img_capture(
         num_inference_steps: grid size; default the method's ``num_inference_steps``, else 40 ([proposal]).
         seed, generator: seed the noise (and DDPM steps); ``generator`` wins.
         prompt: default the method's prompt (empty, as in the paper).
-        size: ``(H, W)`` input size; default ``adapter.resolution``.
+        size: ``(H, W)`` input size; default ``adapter.resolution`` (with ``fit="native"``: the area kept).
         scheduler: ``"ddim"`` (default), ``"ddpm"`` or a diffusers scheduler instance.
         mode: capture mode (see :class:`~attnseg.capture.tracer.AttentionTracer`).
+        fit: how the image is placed in the model input (``"pad"``, ``"resize"``, ``"crop"``, ``"native"``;
+            see :mod:`attnseg.io.geometry`).
 
     Returns:
-        :class:`CaptureOutput`; segment with ``method.cluster(out.store)`` or ``method.segment(out.store)``.
+        :class:`CaptureOutput`; segment with ``method.cluster(out.store)`` or ``method.segment(out.store)`` (at
+        the model input size; ``out.placement.result_to_original`` brings a result to the image's size).
     """
-    from attnseg.io.images import load_image
+    from attnseg.pipeline import prepare_image
 
     method = _resolve_method(method)
     strength = float(strength if strength is not None else getattr(method, "img2img_strength", 0.05))
@@ -201,8 +211,8 @@ def img2img_capture(
 
     opts = method.run_options()
     text = opts.prompt if prompt is None else prompt
-    size = size or adapter.resolution
-    pil = load_image(image, min_size=1)
+    prepared = prepare_image(adapter, image, size=size, fit=fit, method=method)
+    size = prepared.placement.model
     generator = _generator(seed, generator)
     encoded = adapter.encode_prompt(text)
     layers = adapter.attention_layers(size)
@@ -212,13 +222,13 @@ def img2img_capture(
         "num_inference_steps": steps, "scheduler": type(sched).__name__, "timesteps": list(ts),
         "noised_to": ts[0], "captured_timestep": ts[-1], "guidance_scale": 1.0, "seed": seed,
         "model": getattr(adapter, "name", ""), "family": adapter.family,
-        "tokens": list(encoded.tokens[: encoded.length]),
+        "tokens": list(encoded.tokens[: encoded.length]), "geometry": prepared.placement.to_dict(),
     }
     store = _make_store(method, adapter, {n: layers[n] for n in selected}, meta)
     # refused before the image encoder and the steps run when the capture cannot fit
     check_capture_memory(store, {n: layers[n] for n in selected}, adapter=adapter, method=method,
                          text_tokens=int(encoded.embeddings.shape[1]), size=size)
-    pixels = adapter.preprocess(pil, size)
+    pixels = adapter.preprocess(prepared.shown, size)
     latents = adapter.encode_image(pixels, sample=opts.sample_posterior, generator=generator)
     latents = adapter.add_noise(latents, ts[0], generator=generator)
     start = time.perf_counter()
@@ -230,7 +240,8 @@ def img2img_capture(
         eps = adapter.denoise(latents, int(t), encoded)
         latents = _step(sched, eps, t, latents, generator)
     store.meta["denoise_seconds"] = round(time.perf_counter() - start, 4)
-    return CaptureOutput(store=store, image=tensor_to_pil(pixels), timesteps=ts)
+    return CaptureOutput(store=store, image=prepared.shown, timesteps=ts, placement=prepared.placement,
+                         source=prepared.decoded.image)
 
 
 def _stack_prompts(uncond: Prompt, cond: Prompt) -> Prompt:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -12,7 +15,8 @@ import torch
 from attnseg.capture.store import AttentionStore
 from attnseg.capture.tracer import AttentionTracer
 from attnseg.errors import ConfigError
-from attnseg.io.images import load_image, tensor_to_pil
+from attnseg.io.geometry import DEFAULT_FIT, Fit, Placement, check_fit, place
+from attnseg.io.images import MAX_PIXELS, DecodedImage, read_image
 from attnseg.methods.base import RunOptions, Segmenter, create_method
 
 if TYPE_CHECKING:
@@ -22,7 +26,66 @@ if TYPE_CHECKING:
     from attnseg.models.base import DiffusionAdapter
     from attnseg.types import LayerInfo, Prompt, SegmentationResult
 
-__all__ = ["AttentionSegmentationPipeline", "PipelineOutput"]
+__all__ = ["AttentionSegmentationPipeline", "PipelineOutput", "PreparedImage", "decode_side", "prepare_image"]
+
+#: images are decoded at up to this many times the model input's longer side (at least MIN_DECODE_SIDE px):
+#: enough for sharp overlays at the original size, without decoding every pixel of a 24-megapixel photo
+DECODE_FACTOR = 4
+MIN_DECODE_SIDE = 1024
+
+
+def decode_side(size: tuple[int, int]) -> int:
+    """The longer side images are reduced to while decoding, for a model input of ``size = (H, W)``."""
+    return max(DECODE_FACTOR * max(size), MIN_DECODE_SIDE)
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """An input image, decoded and placed in the model input.
+
+    Attributes:
+        decoded: the image as read (upright RGB, maybe reduced while decoding; ``decoded.size`` is the original).
+        placement: where it sits in the model input.
+        shown: the model input as an RGB image of ``placement.model`` size.
+    """
+
+    decoded: DecodedImage
+    placement: Placement
+    shown: Image.Image
+
+
+def prepare_image(
+    adapter: DiffusionAdapter,
+    image: Any,
+    *,
+    size: tuple[int, int] | None = None,
+    fit: Fit = DEFAULT_FIT,
+    method: Segmenter | None = None,
+    max_pixels: int = MAX_PIXELS,
+) -> PreparedImage:
+    """Decode ``image`` (path, PIL image, array, tensor or :class:`DecodedImage`) and place it in the model input.
+
+    Args:
+        adapter: gives the default ``resolution`` and the ``size_multiple`` that ``fit="native"`` needs.
+        size: ``(H, W)`` model input (for ``"native"``: the area to keep); default ``adapter.resolution``.
+        fit: see :mod:`attnseg.io.geometry`.
+        method: checked for ``square_grids`` when ``fit="native"`` gives a non-square input.
+        max_pixels: refuse larger images (see :func:`attnseg.io.images.read_image`).
+    """
+    fit = check_fit(fit)
+    res = tuple(size) if size is not None else tuple(adapter.resolution)
+    if fit == "native" and adapter.size_multiple is None:
+        raise ConfigError(f"fit 'native' needs a model that accepts any aspect ratio; {adapter.family} models take "
+                          f"{res[0]}x{res[1]} only: use fit 'pad' (or 'resize')")
+    decoded = image if isinstance(image, DecodedImage) else read_image(
+        image, max_side=decode_side(res), max_pixels=max_pixels  # type: ignore[arg-type]
+    )
+    placement = place(decoded.size, res, fit, multiple=adapter.size_multiple)  # type: ignore[arg-type]
+    mh, mw = placement.model
+    if mh != mw and method is not None and getattr(method, "square_grids", False):
+        raise ConfigError(f"fit 'native' gives a {mw}x{mh} input for this image, but {method.name} needs square "
+                          "attention grids: use fit 'pad' (or 'resize', 'crop')")
+    return PreparedImage(decoded=decoded, placement=placement, shown=placement.apply(decoded.image))
 
 
 @dataclass(frozen=True)
@@ -30,14 +93,64 @@ class PipelineOutput:
     """Everything one image produced.
 
     Attributes:
-        result: the segmentation, at the size of :attr:`image`.
-        image: the input as the model saw it (cropped/resized RGB).
+        model_result: the segmentation at the model input size (as the method returned it).
+        image: the model input as the model saw it (placed: letterboxed, resized or cropped RGB).
         store: the captured attention (save it to re-run methods without the model).
+        placement: where the image sat in the model input (None: the model input was the image).
+        source: the input as decoded (upright RGB; reduced while decoding when large).
     """
 
-    result: SegmentationResult
+    model_result: SegmentationResult
     image: Image.Image
     store: AttentionStore
+    placement: Placement | None = None
+    source: Image.Image | None = None
+
+    @cached_property
+    def result(self) -> SegmentationResult:
+        """The segmentation at the original image's pixel size (labels nearest, scores bilinear), computed on
+        first use; ``meta["geometry"]`` records the fit, the model input size and the boxes."""
+        p = self.placement
+        if p is None or self.model_result.size != p.model:
+            return self.model_result
+        return p.result_to_original(self.model_result)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """``(H, W)`` of the original image."""
+        return self.placement.original if self.placement is not None else self.model_result.size
+
+
+class _FanOut:
+    """One capture sink for a batch: hands every chunk to one store per batch item (each store keeps its own
+    item through its ``batch`` slice)."""
+
+    def __init__(self, stores: Sequence[AttentionStore]) -> None:
+        self.stores = list(stores)
+        self.wants_outputs = any(getattr(s, "wants_outputs", False) for s in self.stores)
+        if not all("queries" in inspect.signature(s.add_chunk).parameters for s in self.stores):
+            self.add_chunk = self._add_whole_heads  # type: ignore[method-assign]
+
+    def add_chunk(
+        self, layer: LayerInfo, probs: torch.Tensor, heads: slice, out: torch.Tensor | None = None,
+        *, queries: slice = slice(None),
+    ) -> None:
+        for s in self.stores:
+            s.add_chunk(layer, probs, heads, out, queries=queries)
+
+    def _add_whole_heads(
+        self, layer: LayerInfo, probs: torch.Tensor, heads: slice, out: torch.Tensor | None = None
+    ) -> None:
+        for s in self.stores:
+            s.add_chunk(layer, probs, heads, out)
+
+    def end_call(self, layer: LayerInfo) -> None:
+        for s in self.stores:
+            s.end_call(layer)
+
+    def add_feature(self, name: str, value: torch.Tensor) -> None:
+        for s in self.stores:
+            s.add_feature(name, value)
 
 
 class AttentionSegmentationPipeline:
@@ -47,6 +160,8 @@ class AttentionSegmentationPipeline:
         adapter: a model adapter (see :func:`attnseg.load_model`).
         method: a :class:`~attnseg.methods.base.Segmenter` or a registered method name.
         mode: capture mode, ``"reuse"`` (fast) or ``"beside"`` (bit-identical model outputs).
+        fit: how images are placed in the model input (default ``"pad"``: nothing lost, see
+            :mod:`attnseg.io.geometry`); :meth:`run` can override it per call.
         preset: when ``method`` is a name, ``"family"`` (default) applies the adapter's recommended settings for
             it (hyper-parameters and run options such as the input size), ``"paper"`` the paper's exact settings;
             see :mod:`attnseg.presets`. Keywords given here win over either.
@@ -54,8 +169,9 @@ class AttentionSegmentationPipeline:
 
     Example:
         >>> pipe = AttentionSegmentationPipeline.from_pretrained("toyworld", "diffseg")  # doctest: +SKIP
-        >>> out = pipe.run("scene.png", seed=0)  # doctest: +SKIP
-        >>> out.result.labels.shape  # doctest: +SKIP
+        >>> out = pipe.run("panorama.jpg", seed=0)  # doctest: +SKIP
+        >>> out.result.size == out.size  # masks at the photo's own size  # doctest: +SKIP
+        True
     """
 
     def __init__(
@@ -64,6 +180,7 @@ class AttentionSegmentationPipeline:
         method: Segmenter | str = "diffseg",
         *,
         mode: Literal["reuse", "beside"] = "reuse",
+        fit: Fit = DEFAULT_FIT,
         preset: str = "family",
         **method_kwargs: Any,
     ) -> None:
@@ -81,6 +198,7 @@ class AttentionSegmentationPipeline:
         self.adapter = adapter
         self.method = method
         self.mode = mode
+        self.fit = check_fit(fit)
 
     @classmethod
     def from_pretrained(
@@ -104,41 +222,6 @@ class AttentionSegmentationPipeline:
         preset = self.settings.run.get("size")
         return (int(preset[0]), int(preset[1])) if preset is not None else tuple(self.adapter.resolution)
 
-    def capture(self, image: Any, **kwargs: Any) -> tuple[AttentionStore, Image.Image]:
-        """One denoiser pass over ``image`` with the method's layers captured (keywords as :meth:`run`).
-
-        Returns the store and the image as the model saw it.
-        """
-        store, shown, _ = self._capture([image], **kwargs)
-        return store, shown[0]
-
-    def estimate(
-        self, *, size: tuple[int, int] | None = None, batch: int = 1, prompt: str | None = None
-    ) -> CaptureEstimate:
-        """The memory a run would need, from the layers' shapes, without running anything.
-
-        Args:
-            size: ``(H, W)`` input size (default: the adapter's resolution).
-            batch: images per pass (:meth:`run_batch`).
-            prompt: overrides the method's prompt (its length sets the cross-attention keys).
-
-        Example:
-            >>> est = pipe.estimate(size=(1024, 1024))  # doctest: +SKIP
-            >>> est.peak_bytes() / 2**30, est.largest().what  # doctest: +SKIP
-        """
-        from attnseg.capture.memory import estimate_capture
-
-        opts = self.options(prompt=prompt)
-        size = size or self.adapter.resolution
-        layers = self.adapter.attention_layers(size)
-        selected = {n: layers[n] for n in self.method.select_layers(layers)}
-        encoded = self.adapter.encode_prompt(opts.prompt)
-        store = self.new_store(selected, {"image_size": list(size), "prompt": opts.prompt})
-        return estimate_capture(
-            store, selected, batch=batch, text_tokens=int(encoded.embeddings.shape[1]), model_dtype=self.adapter.dtype,
-            device=self.adapter.device, method=self.method,
-        )
-
     def new_store(self, selected: dict[str, LayerInfo], meta: dict[str, Any]) -> AttentionStore:
         """The method's store (``make_store``) or a plain one, on the adapter's device: maps accumulate where they
         are computed and nothing large goes to the host during the forward pass."""
@@ -150,60 +233,135 @@ class AttentionSegmentationPipeline:
             heads=opts.heads, group=opts.group, meta=meta, device=self.adapter.device,  # type: ignore[arg-type]
         )
 
+    def estimate(
+        self, *, size: tuple[int, int] | None = None, batch: int = 1, prompt: str | None = None
+    ) -> CaptureEstimate:
+        """The memory a run would need, from the layers' shapes, without running anything.
+
+        Args:
+            size: ``(H, W)`` input size (default: :meth:`input_size`).
+            batch: images per pass (:meth:`run_batch`).
+            prompt: overrides the method's prompt (its length sets the cross-attention keys).
+
+        Example:
+            >>> est = pipe.estimate(size=(1024, 1024))  # doctest: +SKIP
+            >>> est.peak_bytes() / 2**30, est.largest().what  # doctest: +SKIP
+        """
+        from attnseg.capture.memory import estimate_capture
+
+        opts = self.options(prompt=prompt)
+        size = self.input_size(size)
+        layers = self.adapter.attention_layers(size)
+        selected = {n: layers[n] for n in self.method.select_layers(layers)}
+        encoded = self.adapter.encode_prompt(opts.prompt)
+        store = self.new_store(selected, {"image_size": list(size), "prompt": opts.prompt})
+        return estimate_capture(
+            store, selected, batch=batch, text_tokens=int(encoded.embeddings.shape[1]), model_dtype=self.adapter.dtype,
+            device=self.adapter.device, method=self.method,
+        )
+
+    def prepare(self, image: Any, *, size: tuple[int, int] | None = None, fit: Fit | None = None,
+                max_pixels: int = MAX_PIXELS) -> PreparedImage:
+        """Decode and place one image (see :func:`prepare_image`); a :class:`PreparedImage` is returned as is."""
+        if isinstance(image, PreparedImage):
+            return image
+        return prepare_image(self.adapter, image, size=self.input_size(size), fit=fit or self.fit, method=self.method,
+                             max_pixels=max_pixels)
+
+    def capture(self, image: Any, **kwargs: Any) -> tuple[AttentionStore, Image.Image]:
+        """One denoiser pass over ``image`` with the method's layers captured (keywords as :meth:`run`).
+
+        Returns the store and the image as the model saw it.
+        """
+        prepared = self.prepare(image, size=kwargs.pop("size", None), fit=kwargs.pop("fit", None))
+        (store,), _ = self._capture([prepared], **kwargs)
+        return store, prepared.shown
+
     @torch.no_grad()
     def _capture(
         self,
-        images: list[Any],
+        batch: Sequence[PreparedImage],
         *,
         prompt: str | None = None,
         timestep: int | None = None,
         add_noise: bool | None = None,
         seed: int | None = 0,
         generator: torch.Generator | None = None,
-        size: tuple[int, int] | None = None,
-    ) -> tuple[AttentionStore, list[Image.Image], Prompt]:
+    ) -> tuple[list[AttentionStore], Prompt]:
+        """One denoiser pass over a batch of prepared images of one model size; one store per image.
+
+        Every image draws its randomness (posterior sample, noise) from its own generator seeded with ``seed``
+        (or from ``generator`` for a batch of one), so a batch gives each image what a run of one gives it.
+        """
+        sizes = {p.placement.model for p in batch}
+        if len(sizes) != 1:
+            raise ConfigError(f"a batch runs at one model input size; got {sorted(sizes)}")
+        if generator is not None and len(batch) > 1:
+            raise ConfigError("generator= serves one image; give batches a seed")
         from attnseg.capture.memory import check_capture_memory
         from attnseg.devices import synchronize
 
+        size = sizes.pop()
         opts = self.options(prompt=prompt, timestep=timestep, add_noise=add_noise)
         adapter = self.adapter
-        size = self.input_size(size)
-        pils = [load_image(image, min_size=1) for image in images]
-        if generator is None and seed is not None:
-            # a CPU generator: the same seed gives the same draws on every device (adapters draw on the
-            # generator's device, then move the noise)
-            generator = torch.Generator(device="cpu").manual_seed(seed)
+        # CPU generators: the same seed gives the same draws on every device (adapters draw on the generator's
+        # device, then move the noise)
+        generators: list[torch.Generator | None] = [
+            generator if generator is not None else
+            (torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None)
+            for _ in batch
+        ]
         layers = adapter.attention_layers(size)
         selected = self.method.select_layers(layers)
+        chosen = {n: layers[n] for n in selected}
         text = opts.prompt
         encoded = adapter.encode_prompt(text)
-        meta = {
-            "image_size": list(size), "prompt": text, "timestep": opts.timestep, "add_noise": opts.add_noise,
-            "model": getattr(adapter, "name", ""), "family": adapter.family, "seed": seed,
-            "tokens": list(encoded.tokens[: encoded.length]),
-        }
-        store = self.new_store({n: layers[n] for n in selected}, meta)
+        stores: list[AttentionStore] = []
+        for i, prepared in enumerate(batch):
+            meta = {
+                "image_size": list(size), "prompt": text, "timestep": opts.timestep, "add_noise": opts.add_noise,
+                "model": getattr(adapter, "name", ""), "family": adapter.family, "seed": seed,
+                "tokens": list(encoded.tokens[: encoded.length]), "geometry": prepared.placement.to_dict(),
+            }
+            store = self.new_store(chosen, meta)
+            if len(batch) > 1:
+                store.batch = slice(i, i + 1)
+            stores.append(store)
         # Refuse a capture that cannot fit before anything heavy runs (image encoder, forward pass).
         estimate = check_capture_memory(
-            store, {n: layers[n] for n in selected}, adapter=adapter, method=self.method, batch=len(pils),
+            stores[0], chosen, adapter=adapter, method=self.method, batch=len(batch),
             text_tokens=int(encoded.embeddings.shape[1]), size=size,
         )
-        store.meta["estimated_peak_bytes"] = estimate.peak_bytes()
-        pixels = torch.cat([adapter.preprocess(pil, size) for pil in pils])
-        latents = adapter.encode_image(pixels, sample=opts.sample_posterior, generator=generator)
+        for store in stores:
+            store.meta["estimated_peak_bytes"] = estimate.peak_bytes()
+        pixels = torch.cat([adapter.preprocess(p.shown, size) for p in batch])
+        if opts.sample_posterior:
+            latents = torch.cat([
+                adapter.encode_image(pixels[i : i + 1], sample=True, generator=g) for i, g in enumerate(generators)
+            ])
+        else:
+            latents = adapter.encode_image(pixels, sample=False)
         if opts.add_noise:
-            latents = adapter.add_noise(latents, opts.timestep, generator=generator)
+            latents = torch.cat([
+                adapter.add_noise(latents[i : i + 1], opts.timestep, generator=g) for i, g in enumerate(generators)
+            ])
         features = getattr(self.method, "features", None)
+        sink: Any = stores[0] if len(stores) == 1 else _FanOut(stores)
         synchronize(adapter.device)
         start = time.perf_counter()
         with AttentionTracer(
-            adapter, store, select=selected, layers=layers, mode=self.mode,
+            adapter, sink, select=selected, layers=layers, mode=self.mode,
             features=features(adapter) if features is not None else (),
         ):
             adapter.denoise(latents, opts.timestep, encoded)
         synchronize(adapter.device)
-        store.meta["denoise_seconds"] = round(time.perf_counter() - start, 4)
-        return store, [tensor_to_pil(p[None]) for p in pixels], encoded
+        seconds = round(time.perf_counter() - start, 4)
+        for store in stores:
+            store.batch = None
+            store.meta["denoise_seconds"] = seconds
+            if len(stores) > 1:
+                store.meta["batch_size"] = len(stores)
+        return stores, encoded
 
     def segment_store(self, store: AttentionStore, *, prompt: str | None = None) -> SegmentationResult:
         """Run the method on a (possibly loaded) store; the prompt is re-encoded for token lookup."""
@@ -212,53 +370,61 @@ class AttentionSegmentationPipeline:
         size = tuple(store.meta.get("image_size", ())) or None
         return self.method.segment(store, prompt=encoded, out_size=size).cpu()  # type: ignore[arg-type]
 
-    def run(self, image: Any, *, store_path: str | Path | None = None, **kwargs: Any) -> PipelineOutput:
+    def _segment(self, prepared: PreparedImage, store: AttentionStore, encoded: Prompt) -> PipelineOutput:
+        start = time.perf_counter()
+        result = self.method.segment(store, prompt=encoded, out_size=prepared.placement.model)
+        result = result.cpu()  # outputs are small; the maps stay on the device
+        meta = {**result.meta, "segment_seconds": round(time.perf_counter() - start, 4),
+                "denoise_seconds": store.meta.get("denoise_seconds")}
+        return PipelineOutput(model_result=replace(result, meta=meta), image=prepared.shown, store=store,
+                              placement=prepared.placement, source=prepared.decoded.image)
+
+    def run(
+        self, image: Any, *, store_path: str | Path | None = None, size: tuple[int, int] | None = None,
+        fit: Fit | None = None, **kwargs: Any,
+    ) -> PipelineOutput:
         """Capture, then segment.
 
         Args:
-            image: a path, PIL image, array or tensor (see :func:`attnseg.io.images.load_image`).
+            image: a path, PIL image, array, tensor (see :func:`attnseg.io.images.read_image`) or
+                :class:`PreparedImage`.
             store_path: also save the captured attention there.
+            size: ``(H, W)`` model input size (default: the preset's, else the adapter's resolution; with
+                ``fit="native"`` the area kept).
+            fit: ``"pad"``, ``"resize"``, ``"crop"`` or ``"native"`` (default: the pipeline's).
             prompt, timestep, add_noise: override the method's run options.
             seed, generator: every random draw (posterior sample, noise); drawn on a CPU generator by default, so a
                 seed gives the same draws on every device.
-            size: ``(H, W)`` model input size (default: the preset's, else the adapter's resolution).
+
+        Returns:
+            :class:`PipelineOutput`; ``.result`` is at the original image's size.
 
         Raises:
             AttnSegError: among others when the capture would not fit in the memory of the model's device (checked
                 before the image is encoded).
         """
-        return self.run_batch([image], store_path=store_path, **kwargs)[0]
-
-    def run_batch(
-        self, images: list[Any], *, store_path: str | Path | None = None, **kwargs: Any
-    ) -> list[PipelineOutput]:
-        """Capture a batch of images in one denoiser pass, then segment each (keywords as :meth:`run`).
-
-        All images are resized to one ``size``. The noise of the batch is one draw of shape ``(B, ...)``, so image
-        ``i`` of a batch does not get the noise it gets alone (with the same seed). Each output's store is a view
-        of batch item ``i`` (:meth:`~attnseg.capture.store.AttentionStore.item`); results are on the CPU.
-
-        Args:
-            images: the images (paths, PIL images, arrays, tensors).
-            store_path: also save the whole batch's store there.
-        """
-        if not images:
-            raise ConfigError("run_batch needs at least one image")
-        store, shown, encoded = self._capture(list(images), **kwargs)
+        prepared = image if isinstance(image, PreparedImage) else self.prepare(image, size=size, fit=fit)
+        (store,), encoded = self._capture([prepared], **kwargs)
         if store_path is not None:
             store.save(store_path)
-        outputs = []
-        for i, pil in enumerate(shown):
-            item = store if len(shown) == 1 else store.item(i)
-            start = time.perf_counter()
-            result = self.method.segment(item, prompt=encoded, out_size=(pil.size[1], pil.size[0]))
-            result = result.cpu()  # outputs are small; the maps stay on the device
-            meta = {**result.meta, "segment_seconds": round(time.perf_counter() - start, 4),
-                    "denoise_seconds": store.meta.get("denoise_seconds")}
-            outputs.append(PipelineOutput(result=replace(result, meta=meta), image=pil, store=item))
-        return outputs
+        return self._segment(prepared, store, encoded)
+
+    def run_batch(self, images: Sequence[Any], *, size: tuple[int, int] | None = None, fit: Fit | None = None,
+                  **kwargs: Any) -> list[PipelineOutput]:
+        """:meth:`run` on several images with one denoiser pass per model input size (images of one size run
+        together as a batch). Each image's output equals what :meth:`run` gives it, up to floating-point
+        rounding. ``generator`` is not accepted (give ``seed``); stores are not saved (use :meth:`run`)."""
+        prepared = [im if isinstance(im, PreparedImage) else self.prepare(im, size=size, fit=fit) for im in images]
+        outputs: list[PipelineOutput | None] = [None] * len(prepared)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, p in enumerate(prepared):
+            groups.setdefault(p.placement.model, []).append(i)
+        for indices in groups.values():
+            stores, encoded = self._capture([prepared[i] for i in indices], **kwargs)
+            for i, store in zip(indices, stores, strict=True):
+                outputs[i] = self._segment(prepared[i], store, encoded)
+        return [o for o in outputs if o is not None]
 
     def __call__(self, image: Any, **kwargs: Any) -> SegmentationResult:
+        """The segmentation of ``image`` at its own pixel size (keywords as :meth:`run`)."""
         return self.run(image, **kwargs).result
-
-

@@ -46,10 +46,13 @@ def test_segment_images_and_folder(tiny_sd_dir, rgb_image, tmp_path):
     assert [e["image"] for e in summary["images"]] == [str(second), str(rgb_image)]  # folder order: sorted
     for stem in ("two-halves", "second"):
         labels = np.asarray(Image.open(out / f"{stem}.labels.png"))
-        assert labels.shape == (32, 32)
-        assert Image.open(out / f"{stem}.overlay.png").size == (32, 32)
+        assert labels.shape == (48, 40)  # the image's own size, not the model's 32 x 32
+        assert Image.open(out / f"{stem}.overlay.png").size == (40, 48)
         info = json.loads((out / f"{stem}.json").read_text())
-        assert info["method"] == "diffseg" and sum(s["area"] for s in info["segments"]) == 32 * 32
+        assert info["method"] == "diffseg" and sum(s["area"] for s in info["segments"]) == 48 * 40
+        # pad: 48 x 40 in 32 x 32 -> scale 32/48, 27 wide (round(26.67)), left (32 - 27) // 2 = 2
+        assert info["geometry"] == {"fit": "pad", "original_size": [48, 40], "model_size": [32, 32],
+                                    "source_box": [0, 0, 40, 48], "target_box": [2, 0, 29, 32]}
         assert info["params"]["kl_thresholds"] == [0.9, 0.9, 0.9]
         assert (out / f"{stem}.attention.safetensors").is_file()
 
@@ -118,18 +121,19 @@ def test_segment_clustering_writes_every_k_and_merged_masks(tiny_sd_dir, rgb_ima
     assert res.exit_code == 0, res.output
     for k in (2, 3):
         labels = np.asarray(Image.open(tmp_path / f"two-halves.k{k}.labels.png"))
-        assert labels.shape == (32, 32) and len(np.unique(labels)) <= k
+        assert labels.shape == (48, 40) and len(np.unique(labels)) <= k
         assert (tmp_path / f"two-halves.k{k}.overlay.png").is_file()
     masks = json.loads((tmp_path / "two-halves.masks" / "masks.json").read_text())
     assert {m["k"] for m in masks["masks"]} <= {2, 3} and masks["masks"]
     for m in masks["masks"]:
-        assert np.asarray(Image.open(tmp_path / "two-halves.masks" / m["file"])).sum() // 255 == m["area"]
+        mask = np.asarray(Image.open(tmp_path / "two-halves.masks" / m["file"]))
+        assert mask.shape == (48, 40) and mask.astype(np.int64).sum() // 255 == m["area"]
     assert (tmp_path / "two-halves.pca-rgb.png").is_file()
 
 
 def test_generate_with_clustering(tmp_path):
-    res = _run("generate", "a red circle on a plain background", "--out", tmp_path, "--k", "2,3", "--steps", "4",
-               "--json")
+    res = _run("generate", "a red circle on a plain background", "--model", "toyworld", "--out", tmp_path,
+               "--k", "2,3", "--steps", "4", "--json")
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)
     assert len(summary["timesteps"]) == 4

@@ -28,7 +28,8 @@ def test_pipeline_end_to_end_and_store_round_trip(adapter, rgb_image, tmp_path, 
     pipe = AttentionSegmentationPipeline(adapter, "clustering", mode=mode, ks=(2, 3), reading=reading)
     out = pipe.run(rgb_image, store_path=tmp_path / "store")
     h, w = adapter.resolution
-    assert out.result.labels.shape == (h, w) and out.result.labels.dtype == torch.int64
+    assert out.model_result.labels.shape == (h, w) and out.result.labels.dtype == torch.int64
+    assert out.result.size == (48, 40)  # back at the image's own size
     assert out.result.method == "clustering" and out.result.meta["k"] == 3
     assert 1 <= out.result.num_segments <= 3
     assert isinstance(out.store, PCAHeadStore)
@@ -37,7 +38,7 @@ def test_pipeline_end_to_end_and_store_round_trip(adapter, rgb_image, tmp_path, 
     # the saved store reproduces the segmentation without the model
     loaded = PCAHeadStore.load(tmp_path / "store.safetensors")
     again = pipe.segment_store(loaded)
-    assert torch.equal(again.labels, out.result.labels)
+    assert torch.equal(again.labels, out.model_result.labels)
     full = pipe.method.cluster(loaded)
     assert isinstance(full, ClusteringResult) and full.ks == (2, 3)
     assert full.pca_rgb_image().mode == "RGB"

@@ -144,7 +144,7 @@ def test_post_processing_moves_only_small_tensors_to_the_host(name, tiny_adapter
     NumPy/scikit steps, the outputs) is far smaller than the maps it reads: the heavy steps run where the maps are.
     Recorded on any device, the CPU included, since these calls are what would copy on an accelerator."""
     pipe = AttentionSegmentationPipeline(tiny_adapter, name, **METHODS[name])
-    store, _shown, encoded = pipe._capture([scene], size=(64, 64), seed=0)
+    (store,), encoded = pipe._capture([pipe.prepare(scene, size=(64, 64))], seed=0)
     largest_map = max(info.num_tokens for info in tiny_adapter.attention_layers((64, 64)).values()) ** 2
     moved: list[int] = []
     originals = {attr: getattr(torch.Tensor, attr) for attr in ("cpu", "numpy", "to")}

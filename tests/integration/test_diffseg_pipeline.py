@@ -54,12 +54,13 @@ def test_pipeline_end_to_end_on_tiny_model(tiny_adapter, rgb_image, tmp_path):
     pipe = AttentionSegmentationPipeline(tiny_adapter, "diffseg", num_anchors=4)
     out = pipe.run(rgb_image, seed=0, store_path=tmp_path / "store")
     assert out.image.size == (32, 32)
-    assert out.result.labels.shape == (32, 32) and out.result.labels.dtype == torch.int64
+    assert out.model_result.labels.shape == (32, 32) and out.result.labels.dtype == torch.int64
+    assert out.result.size == (48, 40)  # back at the image's own size
     assert out.result.method == "diffseg"
     assert out.store.meta["timestep"] == 300 and out.store.meta["add_noise"] is False
     assert {out.store.info(k)[0] for k in out.store} == {"self"}  # only what DiffSeg needs was captured
     # the saved store reproduces the result without the model
     again = pipe.segment_store(AttentionStore.load(tmp_path / "store.safetensors"))
-    assert torch.equal(again.labels, out.result.labels)
+    assert torch.equal(again.labels, out.model_result.labels)
     # reproducible with a seed
     assert torch.equal(pipe(rgb_image, seed=0).labels, out.result.labels)

@@ -630,3 +630,18 @@ def test_rank_and_world_come_from_the_environment(monkeypatch):
     for key in [k for k in os.environ if k.startswith("ACCELERATE_")]:
         monkeypatch.delenv(key)
     assert detect_distributed() == (0, 1)
+
+
+def test_pad_scores_every_label_pixel_and_never_padding(toy_data, tiny_sd_dir, tmp_path):
+    """With --crop pad nothing is cropped: every labelled pixel of every image is scored, at the label size."""
+    out = tmp_path / "pad"
+    res = _cli(*_base(toy_data, tiny_sd_dir, out, "--crop", "pad"))
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "report.json").read_text())
+    # all 40 x (40 + 4i) label pixels, minus the 3 x 3 ignored corner of each image
+    assert report["metrics"]["num_pixels"] == sum(40 * (40 + 4 * i) - 9 for i in range(NUM_IMAGES))
+    assert "letterboxed" in report["geometry"]["description"]
+    records = [json.loads(line) for line in (out / "results-0.jsonl").read_text().splitlines()]
+    assert [r["label_size"] for r in records] == [[40, 40 + 4 * i] for i in range(NUM_IMAGES)]
+    res = _cli(*_base(toy_data, tiny_sd_dir, tmp_path / "bad", "--crop", "pad", "--score-at", "input"))
+    assert res.exit_code == 2 and "score_at must be 'label'" in res.output

@@ -22,10 +22,11 @@ def _kwargs(name: str) -> dict:
 def test_every_method_runs_and_is_reproducible(name, tiny_adapter, rgb_image, tmp_path):
     pipe = AttentionSegmentationPipeline(tiny_adapter, name, **_kwargs(name))
     out = pipe.run(rgb_image, seed=0)
-    labels = out.result.labels
+    labels = out.model_result.labels
     assert labels.shape == (32, 32) and labels.dtype == torch.int64 and labels.min() >= 0
+    assert out.result.size == (48, 40) and set(out.result.labels.unique().tolist()) <= set(labels.unique().tolist())
     assert out.result.method == name
-    assert torch.equal(pipe.run(rgb_image, seed=0).result.labels, labels)
+    assert torch.equal(pipe.run(rgb_image, seed=0).model_result.labels, labels)
     # exactly the layers the method selected were captured (the others stayed on the fused path)
     assert set(out.store.layers) == set(pipe.method.select_layers(tiny_adapter.attention_layers()))
 

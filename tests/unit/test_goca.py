@@ -321,7 +321,7 @@ def goca_run(tiny_adapter, tmp_path_factory):
 
 def test_end_to_end_on_a_tiny_model(goca_run):
     pipe, out = goca_run
-    result = out.result
+    result = out.model_result
     h, w = out.image.size[1], out.image.size[0]
     assert result.labels.shape == (h, w) and result.labels.dtype == torch.int64
     assert set(result.labels.unique().tolist()) <= {0, 1, 2}
@@ -382,10 +382,10 @@ def test_saved_store_gives_the_same_result(goca_run, tmp_path):
     path = out.store.save(tmp_path / "goca.safetensors")
     loaded = AttentionStore.load(path)
     again = pipe.segment_store(loaded)
-    assert torch.equal(again.labels, out.result.labels)
-    torch.testing.assert_close(again.scores, out.result.scores)
+    assert torch.equal(again.labels, out.model_result.labels)
+    torch.testing.assert_close(again.scores, out.model_result.scores)
     reloaded = HeadWeightedStore.load(path)
-    assert torch.equal(pipe.segment_store(reloaded).labels, out.result.labels)
+    assert torch.equal(pipe.segment_store(reloaded).labels, out.model_result.labels)
     with pytest.raises(ConfigError, match="make_store"):
         pipe.method.segment(AttentionStore(), prompt=pipe.adapter.encode_prompt("cat, grass"))
 
@@ -421,7 +421,8 @@ def test_no_refinement_and_a_custom_prompt(tiny_adapter, rgb_image):
     out = pipe.run(rgb_image, seed=0)
     assert refine_affinity(out.store) is None
     assert out.result.meta["token_indices"]["potted plant"] == [6, 7]  # both sub-words, averaged
-    assert out.result.labels.shape == (out.image.size[1], out.image.size[0])
+    assert out.model_result.labels.shape == (out.image.size[1], out.image.size[0])
+    assert out.result.size == (48, 40)
 
 
 def test_classes_cut_off_by_the_tokenizer_are_dropped(tiny_adapter, rgb_image):

@@ -328,7 +328,7 @@ def test_end_to_end_on_a_tiny_model(tiny_adapter, rgb_image, variant):
 
     pipe = AttentionSegmentationPipeline(tiny_adapter, "target", variant=variant)
     out = pipe.run(rgb_image, seed=0)
-    result = out.result
+    result = out.model_result
     h, w = out.image.size[1], out.image.size[0]
     assert result.labels.shape == (h, w) and result.labels.dtype == torch.int64
     assert set(result.labels.unique().tolist()) <= {0, 1}
@@ -345,7 +345,7 @@ def test_non_square_input(tiny_adapter, rgb_image):
     from attnseg.pipeline import AttentionSegmentationPipeline
 
     out = AttentionSegmentationPipeline(tiny_adapter, "target", variant="cross-only").run(rgb_image, size=(32, 48))
-    assert out.result.labels.shape == (32, 48)
+    assert out.model_result.labels.shape == (32, 48) and out.result.size == (48, 40)
     with pytest.raises(ConfigError, match="square"):
         AttentionSegmentationPipeline(tiny_adapter, "target").run(rgb_image, size=(32, 48))
 

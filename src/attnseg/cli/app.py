@@ -19,7 +19,10 @@ app = typer.Typer(
         "  attnseg segment photo.jpg --model ./sd15 --method goca --classes 'cat, grass' --out out/\n\n"
         "  attnseg generate 'a baby in a yellow toy car' --model ./sd21 --method clustering --k 2,5,10\n\n"
         "  attnseg evaluate --protocol diffseg-cocostuff27 --root /data/coco --model ./sd14 --out runs/ds\n\n"
+        "  attnseg segment panorama.jpg --model toyworld --fit pad --out out/   (masks at the image's own size)\n\n"
+        "  attnseg segment photos/ --model ./sd15 --batch-size 4 --out out/   (streams; re-runs continue)\n\n"
         "  attnseg demo --out out/demo        (offline, bundled model)\n\n"
+        "  attnseg serve                       (web page on http://127.0.0.1:7860, bundled model)\n\n"
         "  attnseg list                        (models, methods and their parameters)"
     ),
     no_args_is_help=True,
@@ -57,8 +60,10 @@ def demo(
     seed: int = typer.Option(0, "--seed", help="Scene and noise seed."),
 ) -> None:
     """Offline demo on the bundled model: segment generated scenes and score them against ground truth."""
+    from attnseg.cli.common import TOY_NOTE
     from attnseg.cli.demo import run_demo
 
+    typer.echo(f"the demo runs the bundled toy model, {TOY_NOTE}")
     with handle_errors():
         run_demo(out, seed=seed)
 
@@ -67,8 +72,10 @@ def _mount_commands() -> None:
     from attnseg.cli.evaluate import evaluate_cmd, report_cmd
     from attnseg.cli.generate import generate_cmd
     from attnseg.cli.segment import segment_cmd
+    from attnseg.cli.serve import serve_cmd
 
     app.command("segment")(segment_cmd)
+    app.command("serve")(serve_cmd)
     app.command("generate")(generate_cmd)
     app.command("evaluate")(evaluate_cmd)
     app.command("report")(report_cmd)

@@ -12,12 +12,46 @@ import typer
 
 from attnseg.errors import AttnSegError, ConfigError
 
-__all__ = ["fail", "handle_errors", "method_parameters", "parse_params", "quiet_libraries"]
+__all__ = [
+    "MODEL_CHOICES",
+    "describe_model",
+    "fail",
+    "handle_errors",
+    "method_parameters",
+    "parse_params",
+    "quiet_libraries",
+    "require_model",
+]
+
+#: what --model takes, for messages
+MODEL_CHOICES = (
+    "a Hugging Face Hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5), a local diffusers folder, or "
+    "'toyworld' (the bundled toy model, which only knows coloured shapes on plain backgrounds)"
+)
+TOY_NOTE = ("a toy model: it only knows the toy world (coloured circles, squares and triangles); for photographs "
+            "use a Stable Diffusion model")
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
+
+
+def require_model(model: str | None) -> str:
+    """``model``, or a one-line error listing what --model takes (commands that read real images need one)."""
+    if model is None or not str(model).strip():
+        fail(f"--model is required: {MODEL_CHOICES}; see `attnseg list`")
+    return str(model)
+
+
+def describe_model(adapter: Any, name: str) -> str:
+    """One line naming the loaded model, and for a toy model what it can segment."""
+    family = getattr(adapter, "family", "")
+    h, w = getattr(adapter, "resolution", (0, 0))
+    line = f"model: {name} ({family}, {w}x{h} px input)"
+    if family == "toyworld":
+        line += f"; {TOY_NOTE}"
+    return line
 
 
 @contextmanager

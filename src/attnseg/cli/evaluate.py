@@ -53,7 +53,10 @@ def evaluate_cmd(
         None, "--background-offset", help="Semantic methods: offset added to the background scores."
     ),
     size: int | None = typer.Option(None, "--size", help="Square model input size (protocol or model default)."),
-    crop: str | None = typer.Option(None, "--crop", help="Without --protocol: center-crop (default) or resize."),
+    crop: str | None = typer.Option(
+        None, "--crop", help="Without --protocol: center-crop (default), resize, pad (letterbox: nothing lost, "
+        "padding never scored) or native."
+    ),
     score_at: str | None = typer.Option(
         None, "--score-at", help="Without --protocol: label (default; prediction resized) or input (label resized)."
     ),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from attnseg.cli.common import handle_errors, quiet_libraries
+from attnseg.cli.common import describe_model, handle_errors, quiet_libraries, require_model
 
 __all__ = ["generate_cmd"]
 
@@ -15,7 +15,10 @@ __all__ = ["generate_cmd"]
 def generate_cmd(
     prompt: str = typer.Argument(..., help="The text prompt."),
     out: Path = typer.Option(Path("out/generate"), "--out", "-o", help="Output folder."),
-    model: str = typer.Option("toyworld", "--model", "-m", help="Hub id, local diffusers folder, or 'toyworld'."),
+    model: str | None = typer.Option(
+        None, "--model", "-m", help="Required: a Hub id, a local diffusers folder, or 'toyworld' (the bundled toy "
+        "model, which only knows coloured shapes)."
+    ),
     method: str = typer.Option("clustering", "--method", help="Method applied to the generated image."),
     param: list[str] = typer.Option(None, "--param", "-P", help="Method hyper-parameter NAME=VALUE (repeatable)."),
     k: str | None = typer.Option(None, "--k", help="clustering: cluster counts, e.g. 2,5,10."),
@@ -38,9 +41,12 @@ def generate_cmd(
         from attnseg.methods.base import create_method
         from attnseg.models.loading import load_model
 
+        model = require_model(model)
         ks = tuple(int(v) for v in k.split(",") if v.strip()) if k else None
         seg = create_method(method, **method_kwargs(method, param, ks=ks))
         adapter = load_model(model, dtype=dtype, device=device)
+        if not as_json:
+            typer.echo(describe_model(adapter, model), err=True)
         defaults = getattr(adapter, "recommended", {}).get("generate", {})
         steps = steps if steps is not None else defaults.get("num_inference_steps", 50)
         guidance = guidance if guidance is not None else defaults.get("guidance_scale", 7.5)

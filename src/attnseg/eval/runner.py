@@ -218,20 +218,25 @@ class Geometry:
 
     Attributes:
         crop: ``"center-crop"`` (crop to the input's aspect ratio, then bilinear resize; the label gets
-            the same crop) or ``"resize"`` (squash the whole image; the label is not cropped).
+            the same crop), ``"resize"`` (squash the whole image; the label is not cropped), ``"pad"``
+            (letterbox the whole image; the prediction is cut back to the image, padding never scored) or
+            ``"native"`` (the image's aspect ratio at about the input's area; models that accept it). With
+            ``"pad"`` and ``"native"`` predictions are scored at the label size.
         score_at: ``"input"`` (the cropped label is nearest-resized to the model input size and scored
             there) or ``"label"`` (the prediction is resized to the cropped label's size).
         upsample: how a prediction is resized: ``"nearest"`` (ids) or ``"bilinear-scores"`` (semantic
             methods with per-class scores: bilinear on the scores, then argmax; ids otherwise nearest).
     """
 
-    crop: Literal["center-crop", "resize"] = "center-crop"
+    crop: Literal["center-crop", "resize", "pad", "native"] = "center-crop"
     score_at: Literal["label", "input"] = "label"
     upsample: Literal["nearest", "bilinear-scores"] = "nearest"
 
     def __post_init__(self) -> None:
-        if self.crop not in ("center-crop", "resize"):
-            raise ConfigError(f"crop must be 'center-crop' or 'resize', got {self.crop!r}")
+        if self.crop not in ("center-crop", "resize", "pad", "native"):
+            raise ConfigError(f"crop must be 'center-crop', 'resize', 'pad' or 'native', got {self.crop!r}")
+        if self.crop in ("pad", "native") and self.score_at == "input":
+            raise ConfigError(f"crop {self.crop!r} scores at the label size: score_at must be 'label'")
         if self.score_at not in ("label", "input"):
             raise ConfigError(f"score_at must be 'label' or 'input', got {self.score_at!r}")
         if self.upsample not in ("nearest", "bilinear-scores"):
@@ -242,6 +247,12 @@ class Geometry:
         if self.crop == "center-crop":
             first = ("image centre-cropped to the input aspect ratio and resized (bilinear) to the input size; "
                      "label cropped with the same box")
+        elif self.crop == "pad":
+            first = ("image letterboxed (aspect ratio kept, bilinear) into the input, grey padding; prediction cut "
+                     "back to the image box, padding never scored; label not cropped")
+        elif self.crop == "native":
+            first = ("image resized (bilinear) to an input of its own aspect ratio and about the input's area; "
+                     "label not cropped")
         else:
             first = "image resized (bilinear, squashed, no crop) to the input size; label not cropped"
         if self.score_at == "input":
@@ -768,12 +779,16 @@ class EvaluationRun:
         image = load_image(sample.image_path)
         size = self._input_size()
         label = sample.label
-        if self.geometry.crop == "center-crop":
+        placement = None
+        if self.geometry.crop in ("pad", "native"):
+            prepared = pipe.prepare(image, size=size, fit=self.geometry.crop)  # type: ignore[arg-type]
+            placement, image = prepared.placement, prepared
+        elif self.geometry.crop == "center-crop":
             image = image.crop(_crop_box(image.width, image.height, size))
             lh, lw = label.shape
             left, top, right, bottom = _crop_box(lw, lh, size)
             label = label[top:bottom, left:right]
-        if image.size != (size[1], size[0]):
+        if placement is None and image.size != (size[1], size[0]):
             image = image.resize((size[1], size[0]), PILImage.Resampling.BILINEAR)
         target = _resize_ids(label, size) if self.geometry.score_at == "input" else label
         seed = image_seed(self.seed, sample.id)
@@ -792,6 +807,8 @@ class EvaluationRun:
             store, store_state = self._store(pipe, image, sample.id, seed, size)
             t2 = time.perf_counter()
             result = pipe.segment_store(store)
+            if placement is not None:  # back to the image's own pixels: padding is cut away, never scored
+                result = placement.result_to_original(result)
             t3 = time.perf_counter()
 
         pred = self._prediction(result, target.shape)

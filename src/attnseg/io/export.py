@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -10,9 +11,21 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 if TYPE_CHECKING:
+    from attnseg.io.geometry import Placement
     from attnseg.types import SegmentationResult
 
-__all__ = ["colorize", "overlay", "palette", "save_heatmap", "save_result", "segment_summary"]
+__all__ = [
+    "colorize",
+    "heatmap_image",
+    "label_png_array",
+    "overlay",
+    "palette",
+    "save_heatmap",
+    "save_result",
+    "segment_summary",
+    "summarize_labels",
+    "write_json",
+]
 
 
 def palette(n: int) -> np.ndarray:
@@ -36,50 +49,81 @@ def colorize(labels: np.ndarray) -> Image.Image:
     return Image.fromarray(palette(n)[labels])
 
 
+def _legend_font(size: int) -> Any:
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
 def overlay(
     image: Image.Image, labels: np.ndarray, *, alpha: float = 0.5, names: tuple[str, ...] | None = None
 ) -> Image.Image:
     """Blend the colourised labels over ``image`` (resized to the labels' size); with ``names`` a legend
-    of the ids present is drawn in the corner."""
+    of the ids present is drawn in the corner, scaled with the picture."""
     labels = np.asarray(labels)
-    base = image.convert("RGB").resize((labels.shape[1], labels.shape[0]), Image.Resampling.BILINEAR)
+    h, w = labels.shape
+    base = image.convert("RGB")
+    if base.size != (w, h):
+        base = base.resize((w, h), Image.Resampling.BILINEAR)
     blended = Image.blend(base, colorize(labels), alpha)
+    del base
     if names:
         draw = ImageDraw.Draw(blended)
         cols = palette(len(names))
+        box = max(10, min(h, w) // 40)
+        font = _legend_font(box)
         y = 2
         for i in np.unique(labels).tolist():
             if i < len(names):
-                draw.rectangle((2, y, 12, y + 10), fill=tuple(int(c) for c in cols[i]), outline=(0, 0, 0))
-                draw.text((16, y - 1), str(names[i]), fill=(255, 255, 255), stroke_width=1, stroke_fill=(0, 0, 0))
-                y += 14
+                draw.rectangle((2, y, 2 + box, y + box), fill=tuple(int(c) for c in cols[i]), outline=(0, 0, 0))
+                draw.text((6 + box, y - 1), str(names[i]), fill=(255, 255, 255), stroke_width=1, stroke_fill=(0, 0, 0),
+                          font=font)
+                y += box + 4
     return blended
 
 
-def segment_summary(result: SegmentationResult) -> dict[str, Any]:
-    """Per-segment id, name, area (pixels, fraction) and bounding box ``[x0, y0, x1, y1]`` (inclusive)."""
-    labels = result.labels.cpu().numpy()
+def summarize_labels(
+    labels: np.ndarray, *, method: str = "", label_names: tuple[str, ...] | None = None,
+    params: dict[str, Any] | None = None, meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The JSON summary of an ``(H, W)`` id map: per segment id, name, area (pixels, fraction) and bounding box
+    ``[x0, y0, x1, y1]`` (inclusive); ``meta["geometry"]``, when present, is lifted to the top level (fit,
+    model input size, boxes). Memory: one boolean map at a time."""
+    labels = np.asarray(labels)
     h, w = labels.shape
+    meta = dict(meta or {})
+    geometry = meta.pop("geometry", None)
+    counts = np.bincount(labels.ravel().astype(np.int64)) if labels.size else np.zeros(0, np.int64)
     segments = []
-    for i in np.unique(labels).tolist():
-        ys, xs = np.nonzero(labels == i)
+    for i in np.flatnonzero(counts).tolist():
+        mask = labels == i
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        del mask
         seg: dict[str, Any] = {
             "id": int(i),
-            "area": int(ys.size),
-            "fraction": round(ys.size / (h * w), 6),
-            "bbox": [int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())],
+            "area": int(counts[i]),
+            "fraction": round(int(counts[i]) / (h * w), 6),
+            "bbox": [int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1])],
         }
-        if result.label_names is not None and i < len(result.label_names):
-            seg["name"] = result.label_names[i]
+        if label_names is not None and i < len(label_names):
+            seg["name"] = label_names[i]
         segments.append(seg)
-    return {
-        "method": result.method,
-        "size": [h, w],
-        "num_segments": len(segments),
-        "segments": segments,
-        "params": _jsonable(result.params),
-        "meta": _jsonable(result.meta),
-    }
+    out: dict[str, Any] = {"method": method, "size": [h, w]}
+    if geometry is not None:
+        out["geometry"] = _jsonable(geometry)
+    out.update({"num_segments": len(segments), "segments": segments, "params": _jsonable(params or {}),
+                "meta": _jsonable(meta)})
+    return out
+
+
+def segment_summary(result: SegmentationResult) -> dict[str, Any]:
+    """Per-segment id, name, area (pixels, fraction) and bounding box ``[x0, y0, x1, y1]`` (inclusive), at the
+    result's size (see :func:`summarize_labels`)."""
+    return summarize_labels(result.labels.cpu().numpy(), method=result.method, label_names=result.label_names,
+                            params=result.params, meta=result.meta)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -94,29 +138,67 @@ def _jsonable(obj: Any) -> Any:
     return str(obj)
 
 
+def heatmap_image(scores: Any) -> Image.Image:
+    """An ``(H, W)`` float map as a colour image (min-max scaled, blue -> red); float32, a band at a time."""
+    s = np.asarray(scores, dtype=np.float32)
+    lo, hi = (float(s.min()), float(s.max())) if s.size else (0.0, 0.0)
+    scale = 1.0 / (hi - lo) if hi > lo else 0.0
+    rgb = np.empty((*s.shape, 3), np.uint8)
+    rows = max(1, (1 << 20) // max(1, s.shape[1]))
+    for r in range(0, s.shape[0], rows):
+        band = (s[r : r + rows] - lo) * scale
+        rgb[r : r + rows, :, 0] = (band * 255 + 0.5).astype(np.uint8)
+        rgb[r : r + rows, :, 1] = ((1 - np.abs(2 * band - 1)) * 255 + 0.5).astype(np.uint8)
+        rgb[r : r + rows, :, 2] = ((1 - band) * 255 + 0.5).astype(np.uint8)
+    return Image.fromarray(rgb)
+
+
 def save_heatmap(scores: np.ndarray, path: str | Path) -> Path:
     """Write an ``(H, W)`` float map as a colour PNG (min-max scaled, blue -> red)."""
-    s = np.asarray(scores, dtype=np.float64)
-    s = (s - s.min()) / (s.max() - s.min()) if s.max() > s.min() else np.zeros_like(s)
-    rgb = np.stack([s, 1 - np.abs(2 * s - 1), 1 - s], axis=-1)
     path = Path(path)
-    Image.fromarray((rgb * 255 + 0.5).astype(np.uint8)).save(path)
+    heatmap_image(scores).save(path)
+    return path
+
+
+def label_png_array(labels: np.ndarray) -> np.ndarray:
+    """Ids as 8-bit gray when they fit, else 16-bit."""
+    labels = np.asarray(labels)
+    return labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.uint16, copy=False)
+
+
+def write_json(data: dict[str, Any], path: Path) -> Path:
+    """Write JSON atomically (a temporary file renamed over ``path``): a JSON that exists is complete."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
     return path
 
 
 def save_result(
-    result: SegmentationResult, out_dir: str | Path, *, image: Image.Image | None = None, stem: str = "image"
+    result: SegmentationResult, out_dir: str | Path, *, image: Image.Image | None = None, stem: str = "image",
+    placement: Placement | None = None,
 ) -> dict[str, Path]:
     """Write ``<stem>.labels.png`` (ids as 8- or 16-bit gray), ``<stem>.json`` and, with ``image``,
-    ``<stem>.overlay.png``. Returns the paths written, by kind."""
+    ``<stem>.overlay.png``. Returns the paths written, by kind.
+
+    With ``placement`` and a result at the model input size, everything is written at the original image's
+    size (labels nearest; ``image`` may be the original or a reduced copy) and the JSON records the geometry.
+    The JSON is written last and atomically, so its presence marks a finished image.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    labels = result.labels.cpu().numpy()
-    dtype = np.uint8 if labels.max(initial=0) < 256 else np.uint16
+    meta = dict(result.meta)
+    if placement is not None and result.size == placement.model:
+        labels = placement.labels_to_original(result.labels)
+        meta["geometry"] = placement.to_dict()
+    else:
+        labels = result.labels.cpu().numpy()
     paths = {"labels": out / f"{stem}.labels.png", "json": out / f"{stem}.json"}
-    Image.fromarray(labels.astype(dtype)).save(paths["labels"])
-    paths["json"].write_text(json.dumps(segment_summary(result), indent=2))
+    Image.fromarray(label_png_array(labels)).save(paths["labels"])
     if image is not None:
         paths["overlay"] = out / f"{stem}.overlay.png"
         overlay(image, labels, names=result.label_names).save(paths["overlay"])
+    summary = summarize_labels(labels, method=result.method, label_names=result.label_names, params=result.params,
+                               meta=meta)
+    write_json(summary, paths["json"])
     return paths

@@ -59,6 +59,8 @@ class Segmenter(Protocol):
     # Optional hooks (looked up with getattr by the pipeline):
     #   make_store(adapter, layers, meta) -> AttentionStore   a custom reducing store (e.g. GoCA head weights)
     #   features(adapter) -> list[str]                       module names whose outputs the store needs
+    #   square_grids: bool                                   True if only square attention grids are accepted
+    #                                                        (non-square inputs are then refused before capture)
 
     def segment(
         self,

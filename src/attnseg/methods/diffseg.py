@@ -707,6 +707,8 @@ class DiffSeg:
     paper_preset: ClassVar[dict[str, Any]] = {"threshold_mode": "absolute", "kl_thresholds": (PAPER_THRESHOLD,) * 3}
     #: A mode given by the user drops a preset's thresholds, which were meant for the other mode.
     preset_links: ClassVar[dict[str, tuple[str, ...]]] = {"threshold_mode": ("kl_thresholds",)}
+    #: steps 1-3 align square self-attention grids; non-square inputs are refused before capture
+    square_grids: ClassVar[bool] = True
 
     def __init__(
         self,

@@ -343,6 +343,11 @@ class TargetSegmenter:
     #: A mode given by the user drops a preset's ``tau``, which was meant for the other mode.
     preset_links: ClassVar[dict[str, tuple[str, ...]]] = {"tau_mode": ("tau",)}
 
+    @property
+    def square_grids(self) -> bool:
+        """The guided variant aggregates self-attention as DiffSeg does, on square grids only."""
+        return self.variant == "guided"
+
     def __init__(
         self,
         *,

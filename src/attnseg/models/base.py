@@ -46,6 +46,12 @@ class DiffusionAdapter(ABC):
         """Pixels per latent cell along each side (8 for SD's VAE, 1 in pixel space)."""
 
     @property
+    def size_multiple(self) -> int | None:
+        """Input sides may be any multiple of this (any aspect ratio), so ``fit="native"`` can keep an image's
+        shape; None when the model takes :attr:`resolution` only (the default)."""
+        return None
+
+    @property
     def device(self) -> torch.device:
         return next(self.denoiser.parameters()).device
 

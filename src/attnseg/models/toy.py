@@ -93,6 +93,13 @@ class ToyAdapter(DiffusionAdapter):
     def latent_scale(self) -> int:
         return 1
 
+    @property
+    def size_multiple(self) -> int:
+        """Pixel space: any size whose sides halve exactly at every level of the UNet."""
+        from attnseg.models.unet import unet_size_multiple
+
+        return unet_size_multiple(self.denoiser)
+
     def attention_layers(self, size: tuple[int, int] | None = None) -> dict[str, LayerInfo]:
         """Every ``attn1``/``attn2`` module of the UNet for pixel input ``size = (H, W)``, in forward order."""
         from attnseg.models.unet import unet_attention_layers

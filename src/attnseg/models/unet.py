@@ -15,7 +15,7 @@ from attnseg.types import LayerInfo, Prompt
 if TYPE_CHECKING:
     from PIL import Image
 
-__all__ = ["UNetAdapter", "unet_attention_layers"]
+__all__ = ["UNetAdapter", "unet_attention_layers", "unet_size_multiple"]
 
 
 def _halve(size: tuple[int, int], times: int) -> tuple[int, int]:
@@ -23,6 +23,12 @@ def _halve(size: tuple[int, int], times: int) -> tuple[int, int]:
     for _ in range(times):  # a stride-2 conv with padding 1 rounds up
         h, w = (h + 1) // 2, (w + 1) // 2
     return h, w
+
+
+def unet_size_multiple(unet: torch.nn.Module) -> int:
+    """``2 ** d`` for a UNet that downsamples ``d`` times: latent sides that are multiples of it halve exactly
+    at every level, so every attention grid keeps the input's aspect ratio."""
+    return 2 ** sum(getattr(block, "downsamplers", None) is not None for block in getattr(unet, "down_blocks", []))
 
 
 def unet_attention_layers(unet: torch.nn.Module, latent_size: tuple[int, int]) -> dict[str, LayerInfo]:
@@ -171,6 +177,11 @@ class UNetAdapter(DiffusionAdapter):
     @property
     def latent_scale(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def size_multiple(self) -> int:
+        """Any input whose sides are multiples of the latent cell times the UNet's downsampling (64 for SD)."""
+        return self.latent_scale * unet_size_multiple(self.unet)
 
     def latent_size(self, size: tuple[int, int] | None = None) -> tuple[int, int]:
         h, w = size or self.resolution
