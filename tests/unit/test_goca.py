@@ -435,3 +435,33 @@ def test_classes_cut_off_by_the_tokenizer_are_dropped(tiny_adapter, rgb_image):
     assert int(result.labels.max()) <= len(classes) - len(dropped)  # a dropped class is never predicted
     assert result.scores is not None and result.scores.shape[0] == len(classes) + 1
     assert result.meta["warnings"]
+
+
+def test_balance_by_resolution_keeps_each_resolutions_uniform_share() -> None:
+    from attnseg.methods.goca import balance_by_resolution
+
+    # Two layers at 16 (weights 0.1, 0.3), two at 8 (0.6, 0.0): each resolution keeps 1/2 of the total.
+    out = balance_by_resolution(torch.tensor([0.1, 0.3, 0.6, 0.0]), [16, 16, 8, 8])
+    torch.testing.assert_close(out, torch.tensor([0.125, 0.375, 0.5, 0.0]))
+    # A resolution whose weights are all zero shares its part uniformly; three layers at 32, one at 16.
+    out = balance_by_resolution(torch.tensor([0.0, 0.0, 0.0, 1.0]), [32, 32, 32, 16])
+    torch.testing.assert_close(out, torch.tensor([0.25, 0.25, 0.25, 0.25]))
+    with pytest.raises(ConfigError):
+        balance_by_resolution(torch.tensor([1.0, 2.0]), [8])
+
+
+def test_rescale_floor_is_relative_to_the_median_mass() -> None:
+    from attnseg.methods.goca import rescale_per_pixel
+
+    # Content tokens 1 and 2; Z = 1.0, 0.5, 0.1 (median 0.5).
+    scores = torch.tensor([[5.0, 0.6, 0.4], [5.0, 0.5, 0.0], [5.0, 0.05, 0.05]])
+    plain = rescale_per_pixel(scores, [1, 2], eps=0.0)
+    torch.testing.assert_close(plain, torch.tensor([[0.6, 0.4], [1.0, 0.0], [0.5, 0.5]]))
+    floored = rescale_per_pixel(scores, [1, 2], eps=0.0, floor=1.0)
+    torch.testing.assert_close(floored, torch.tensor([[0.4, 0.4 / 1.5], [0.5, 0.0], [0.05 / 0.6, 0.05 / 0.6]]))
+    # One content token: the reference gives 1 everywhere (no information); the floor keeps the map's shape.
+    single = rescale_per_pixel(scores, [1], eps=0.0, floor=1.0)[:, 0]
+    assert single[0] > single[1] > single[2]
+    assert torch.equal(rescale_per_pixel(scores, [1], eps=0.0)[:, 0], torch.ones(3))
+    with pytest.raises(ConfigError, match="floor"):
+        rescale_per_pixel(scores, [1], floor=-1.0)

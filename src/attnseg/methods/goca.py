@@ -54,6 +54,7 @@ __all__ = [
     "HEAD_METHODS",
     "GoCA",
     "aggregate_cross_attention",
+    "balance_by_resolution",
     "baseline_cross_layers",
     "default_reference_layer",
     "default_refine_layers",
@@ -285,6 +286,37 @@ def _normalise_scores(scores: torch.Tensor) -> torch.Tensor:
     return pos / total
 
 
+def balance_by_resolution(weights: torch.Tensor, resolutions: Sequence[int]) -> torch.Tensor:
+    """Layer weights redistributed within each resolution only: every resolution keeps the share it has under
+    uniform weights (its number of layers over the total), and G2's weights decide how that share is split among
+    its layers ([proposal]).
+
+    G2's scores are dot products with un-renormalised resized self maps, so their scale depends on the grid
+    (METHODS §3 G2); on small or low-resolution models a coarse grid's weak layers can take most of the weight.
+    Balancing keeps the automatic choice among comparable layers and removes the cross-resolution scale effect.
+    A resolution whose weights are all 0 shares its part uniformly among its layers.
+
+    Args:
+        weights: ``(L,)`` non-negative layer weights (e.g. from :func:`layer_weights`).
+        resolutions: the grid side (or any group key) of each layer.
+
+    Returns:
+        ``(L,)`` float32 weights summing to 1.
+    """
+    w = torch.as_tensor(weights, dtype=torch.float32).clone()
+    keys = [int(r) for r in resolutions]
+    if w.ndim != 1 or w.numel() != len(keys) or not keys:
+        raise ConfigError(f"weights and resolutions must have one entry per layer, got {tuple(w.shape)}, {len(keys)}")
+    out = torch.empty_like(w)
+    for r in sorted(set(keys)):
+        idx = torch.tensor([i for i, k in enumerate(keys) if k == r])
+        share = idx.numel() / len(keys)
+        part = w[idx].clamp_min(0)
+        total = float(part.sum())
+        out[idx] = share * (part / total if total > 0 else torch.full_like(part, 1.0 / idx.numel()))
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # G3-G6
 # ----------------------------------------------------------------------------------------------------------------------
@@ -327,10 +359,17 @@ def aggregate_cross_attention(
     return flat / total.clamp_min(torch.finfo(torch.float32).tiny)
 
 
-def rescale_per_pixel(scores: torch.Tensor, content: Sequence[int], *, eps: float = 1e-8) -> torch.Tensor:
+def rescale_per_pixel(
+    scores: torch.Tensor, content: Sequence[int], *, eps: float = 1e-8, floor: float = 0.0
+) -> torch.Tensor:
     """G4 steps 2-3: per pixel, each content token's share of the content tokens' total.
 
-    ``r[p, i] = scores[p, content[i]] / (Z(p) + eps)`` with ``Z(p) = sum_{j in content} scores[p, j]``. Tokens
+    ``r[p, i] = scores[p, content[i]] / (Z(p) + floor * median_p Z + eps)`` with
+    ``Z(p) = sum_{j in content} scores[p, j]``; ``floor = 0`` is the reference's rescaling. A ``floor > 0``
+    ([proposal]) keeps pixels that attend to hardly any content token (``Z(p)`` far below the image's typical
+    ``Z``) from getting large shares out of noise; with few entities in the prompt (one class and nothing else,
+    where every share is 1) this is what keeps the rescaled maps informative. It is relative to the image's own
+    median, so it means the same for every model and resolution. Tokens
     outside ``content`` (special tokens such as ``<sos>``, stop words, padding) are ignored, so their scale, which
     varies from pixel to pixel, no longer shifts the content tokens' scores. ``eps`` ([proposal], 1e-8; the
     reference has none) keeps an all-zero row at 0 instead of 0/0; other rows sum to ``Z / (Z + eps)``, i.e. 1 up to
@@ -340,6 +379,7 @@ def rescale_per_pixel(scores: torch.Tensor, content: Sequence[int], *, eps: floa
         scores: ``(N, T)`` non-negative token scores per position.
         content: indices of the content tokens (into the last axis), distinct.
         eps: added to ``Z``; >= 0.
+        floor: added to ``Z`` in units of its median over positions; >= 0 (0: the reference).
 
     Returns:
         ``(N, len(content)) float32``.
@@ -353,8 +393,11 @@ def rescale_per_pixel(scores: torch.Tensor, content: Sequence[int], *, eps: floa
         raise ConfigError(f"scores must be (N, T) with T > {max(idx)}, got {tuple(scores.shape)}")
     if eps < 0:
         raise ConfigError(f"eps must be >= 0, got {eps}")
+    if not (math.isfinite(floor) and floor >= 0):
+        raise ConfigError(f"floor must be a finite number >= 0, got {floor}")
     sub = scores.detach().to(torch.float32)[:, idx]
-    return sub / (sub.sum(-1, keepdim=True) + eps)
+    z = sub.sum(-1, keepdim=True)
+    return sub / (z + floor * z.median() + eps)
 
 
 def gaussian_blur(maps: torch.Tensor, *, kernel_size: int = 5, sigma: float = 1.1) -> torch.Tensor:
@@ -621,6 +664,10 @@ class GoCA:
         refine_layers: self-attention layers averaged into G6's affinity; default :func:`default_refine_layers`.
         timestep: the pass's timestep (100, reference configs).
         blur_kernel_size, blur_sigma: G4's Gaussian blur (5, 1.1: reference).
+        rescale_floor: G4's rescaling divides by ``Z + rescale_floor * median(Z)`` (:func:`rescale_per_pixel`;
+            reference 0).
+        layer_balance: redistribute G2's layer weights within each resolution only
+            (:func:`balance_by_resolution`; reference False).
 
     Example:
         >>> seg = GoCA(classes="cat, grass")
@@ -649,6 +696,8 @@ class GoCA:
         timestep: int = 100,  # reference configs
         blur_kernel_size: int = 5,  # reference
         blur_sigma: float = 1.1,  # reference (torchvision's default for 5 taps)
+        rescale_floor: float = 0.0,  # reference: 0; see rescale_per_pixel
+        layer_balance: bool = False,  # reference: False; see balance_by_resolution
     ) -> None:
         self.classes = _split_names(classes, "classes")
         if not self.classes:
@@ -712,6 +761,13 @@ class GoCA:
         if isinstance(blur_sigma, bool) or not isinstance(blur_sigma, int | float) or not blur_sigma > 0:
             raise ConfigError(f"blur_sigma must be > 0 (default 1.1), got {blur_sigma!r}")
         self.blur_sigma = float(blur_sigma)
+        rf = rescale_floor
+        if isinstance(rf, bool) or not isinstance(rf, int | float) or not math.isfinite(rf) or rf < 0:
+            raise ConfigError(f"rescale_floor must be a finite number >= 0 (reference 0), got {rf!r}")
+        self.rescale_floor = float(rf)
+        if not isinstance(layer_balance, bool):
+            raise ConfigError(f"layer_balance must be a bool, got {layer_balance!r}")
+        self.layer_balance = layer_balance
 
     # -- description -------------------------------------------------------------------------------------------------
 
@@ -725,6 +781,7 @@ class GoCA:
             "refine_order": self.refine_order, "reference_layer": self.reference_layer,
             "refine_layers": None if self.refine_layers is None else list(self.refine_layers),
             "timestep": self.timestep, "blur_kernel_size": self.blur_kernel_size, "blur_sigma": self.blur_sigma,
+            "rescale_floor": self.rescale_floor, "layer_balance": self.layer_balance,
         }
 
     def __repr__(self) -> str:
@@ -906,6 +963,8 @@ class GoCA:
             scores = layer_scores(feature, [selfs[pairs[n]] for n in names], reference_grid=rgrid,
                                   grids=[rgrid] * len(names))
             weights = _normalise_scores(scores)
+            if self.layer_balance:
+                weights = balance_by_resolution(weights, [max(g) for g in grids])
             meta["layer_scores"] = {n: float(s) for n, s in zip(names, scores, strict=True)}
             meta["reference_layer"] = ref
         else:
@@ -936,7 +995,7 @@ class GoCA:
 
         # G4: per-entity maps.
         if self.rescale:
-            cols = rescale_per_pixel(agg, content)
+            cols = rescale_per_pixel(agg, content, floor=self.rescale_floor)
             col = {j: k for k, j in enumerate(content)}
             entity = {n: cols[:, [col[j] for j in idx]].mean(1) for n, idx in tokens.items()}
         else:
