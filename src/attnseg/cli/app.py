@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from attnseg.cli.common import handle_errors, method_parameters
+from attnseg.cli.common import OneLineErrorGroup, handle_errors, method_parameters, set_debug
 
 app = typer.Typer(
     name="attnseg",
@@ -20,12 +20,24 @@ app = typer.Typer(
         "  attnseg generate 'a baby in a yellow toy car' --model ./sd21 --method clustering --k 2,5,10\n\n"
         "  attnseg evaluate --protocol diffseg-cocostuff27 --root /data/coco --model ./sd14 --out runs/ds\n\n"
         "  attnseg demo --out out/demo        (offline, bundled model)\n\n"
-        "  attnseg list                        (models, methods and their parameters)"
+        "  attnseg list                        (models, methods and their parameters)\n\n"
+        "Bad input gets one line on stderr and exit code 2; an unexpected error (a bug) exit code 1 and a hint "
+        "to re-run with --debug, which shows the traceback."
     ),
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=OneLineErrorGroup,
 )
+
+
+@app.callback()
+def _options(
+    debug: bool = typer.Option(
+        False, "--debug", help="Show the full traceback of an error (also accepted after the command's options)."
+    ),
+) -> None:
+    set_debug(debug)
 
 
 @app.command("list")
@@ -66,12 +78,14 @@ def demo(
 def _mount_commands() -> None:
     from attnseg.cli.evaluate import evaluate_cmd, report_cmd
     from attnseg.cli.generate import generate_cmd
+    from attnseg.cli.inspect_store import inspect_cmd
     from attnseg.cli.segment import segment_cmd
 
     app.command("segment")(segment_cmd)
     app.command("generate")(generate_cmd)
     app.command("evaluate")(evaluate_cmd)
     app.command("report")(report_cmd)
+    app.command("inspect")(inspect_cmd)
 
 
 _mount_commands()

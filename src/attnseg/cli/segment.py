@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import inspect
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from attnseg.cli.common import fail, handle_errors, parse_params, quiet_libraries
+from attnseg.cli.common import handle_errors, parse_params, quiet_libraries, warn
 
-__all__ = ["method_kwargs", "segment_cmd", "write_clustering", "write_extras"]
+__all__ = ["CheckedRun", "method_kwargs", "prepare_run", "segment_cmd", "write_clustering", "write_extras"]
 
 
 def method_kwargs(method: str, params: list[str] | None, **named: Any) -> dict[str, Any]:
@@ -31,6 +32,48 @@ def method_kwargs(method: str, params: list[str] | None, **named: Any) -> dict[s
             raise ConfigError(f"{flag} does not apply to method {method!r}")
         kwargs[key] = value
     return kwargs
+
+
+@dataclass(frozen=True)
+class CheckedRun:
+    """What :func:`prepare_run` checked: the image paths, the decoded images, the method and the model's description."""
+
+    paths: list[Path]
+    images: list[Any]
+    method: Any
+    spec: Any
+
+
+def prepare_run(
+    images: list[Path], out: Path, model: str, method: str, params: list[str] | None, *, size: int | None,
+    timestep: int | None, allow_unknown: bool, named: dict[str, Any],
+) -> CheckedRun:
+    """Every check of ``segment`` that needs no model: files, the output folder, the model's description, the
+    method's hyper-parameters, timestep and size against the model, words against its tokenizer, the images."""
+    from attnseg.cli.validate import check_images, check_method_words, check_out_dir, make_method
+    from attnseg.errors import ImageError
+    from attnseg.models.spec import describe_model
+
+    paths = check_images(images)
+    check_out_dir(out)
+    spec = describe_model(model)
+    if size is not None:
+        spec.check_size(size)
+    kwargs = method_kwargs(method, params, **named)
+    seg = make_method(method, kwargs)
+    if timestep is not None:
+        spec.check_timestep(timestep)
+    else:
+        spec.check_timestep(seg.run_options().timestep, flag=f"{method}'s timestep (-P timestep=...)")
+    seg = check_method_words(seg, method, kwargs, spec.tokenizer, allow_unknown=allow_unknown, warn=warn)
+    from attnseg.io.images import load_image
+
+    decoded = [load_image(p) for p in paths]  # a bad image fails before the model loads
+    smallest = spec.latent_scale * 2
+    for p, im in zip(paths, decoded, strict=True):
+        if min(im.size) < smallest:
+            raise ImageError(f"{p} is {im.size[0]}x{im.size[1]} px; this model needs at least {smallest} px a side")
+    return CheckedRun(paths=paths, images=decoded, method=seg, spec=spec)
 
 
 def segment_cmd(
@@ -61,34 +104,40 @@ def segment_cmd(
     pca_rgb: bool = typer.Option(False, "--pca-rgb", help="clustering: write the per-head PCA RGB grid."),
     save_store: bool = typer.Option(False, "--save-store", help="Also save the captured attention (safetensors)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary of all images on stdout."),
+    allow_unknown: bool = typer.Option(
+        False, "--allow-unknown", help="Skip class names the model's vocabulary cannot represent (with a warning)."
+    ),
 ) -> None:
-    """Segment images and write label PNGs, colour overlays and per-segment JSON."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+    """Segment images and write label PNGs, colour overlays and per-segment JSON.
 
-    quiet_libraries()
+    Every option, file and word is checked before the model loads and before --out is created.
+    """
     with handle_errors():
-        from attnseg.io.images import expand_image_paths, load_image
-        from attnseg.methods.base import create_method
+        from attnseg.cli.validate import check_device, check_dtype, check_int, parse_int_list
+
+        ks = parse_int_list(k, "--k", minimum=1)
+        check_int(size, "--size", minimum=1, hint="e.g. --size 512 (the model's default when unset)")
+        check_int(timestep, "--timestep", minimum=0)
+        check_dtype(dtype)
+        # a prompt given to a method that owns its prompt (target, goca) goes to the method
+        owns_prompt = method in ("target", "goca")
+        checked = prepare_run(
+            images, out, model, method, param, size=size, timestep=timestep, allow_unknown=allow_unknown,
+            named={"target": target, "classes": classes, "ks": ks, "variant": variant,
+                   "prompt": prompt if owns_prompt else None},
+        )
+        paths, images_in, seg = checked.paths, checked.images, checked.method
+        device = check_device(device)
+
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        quiet_libraries()
         from attnseg.models.loading import load_model
         from attnseg.pipeline import AttentionSegmentationPipeline
 
-        paths = expand_image_paths(images)
-        ks = tuple(int(v) for v in k.split(",") if v.strip()) if k else None
-        # a prompt given to a method that owns its prompt (target, goca) goes to the method
-        owns_prompt = method in ("target", "goca")
-        kwargs = method_kwargs(
-            method, param, target=target, classes=classes, ks=ks, variant=variant,
-            prompt=prompt if owns_prompt else None,
-        )
-        seg = create_method(method, **kwargs)
-        images_in = [load_image(p) for p in paths]  # fail on a bad image before loading the model
         adapter = load_model(model, dtype=dtype, device=device)
         pipe = AttentionSegmentationPipeline(adapter, seg)
         in_size = (size, size) if size else None
-        smallest = adapter.latent_scale * 2
-        for p, im in zip(paths, images_in, strict=True):
-            if min(im.size) < smallest:
-                fail(f"{p} is {im.size[0]}x{im.size[1]} px; this model needs at least {smallest} px a side")
         out.mkdir(parents=True, exist_ok=True)
         summary = []
         with Progress(
@@ -138,12 +187,12 @@ def write_clustering(clustering: Any, image: Any, out: Path, stem: str, *, pca_r
     import numpy as np
     from PIL import Image
 
-    from attnseg.io.export import overlay
+    from attnseg.io.export import label_image, overlay
 
     written: dict[str, Path] = {}
     for kk, labels in clustering.label_maps.items():
         arr = labels.cpu().numpy()
-        Image.fromarray(arr.astype(np.uint8)).save(out / f"{stem}.k{kk}.labels.png")
+        label_image(arr).save(out / f"{stem}.k{kk}.labels.png")  # 16-bit when ids exceed 255
         written[f"overlay:k{kk}"] = out / f"{stem}.k{kk}.overlay.png"
         overlay(image, arr).save(written[f"overlay:k{kk}"])
     mask_dir = out / f"{stem}.masks"

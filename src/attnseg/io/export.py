@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 if TYPE_CHECKING:
     from attnseg.types import SegmentationResult
 
-__all__ = ["colorize", "overlay", "palette", "save_heatmap", "save_result", "segment_summary"]
+__all__ = ["colorize", "label_image", "overlay", "palette", "save_heatmap", "save_result", "segment_summary"]
 
 
 def palette(n: int) -> np.ndarray:
@@ -27,6 +27,16 @@ def palette(n: int) -> np.ndarray:
             c >>= 3
         cols[i] = (r, g, b)
     return cols
+
+
+def label_image(labels: np.ndarray) -> Image.Image:
+    """``(H, W)`` non-negative int ids -> a grayscale PNG-ready image: 8-bit while every id is below 256, 16-bit up
+    to 65535 (so ids never wrap), refused above."""
+    labels = np.asarray(labels)
+    if labels.size and (labels.min() < 0 or labels.max() > np.iinfo(np.uint16).max):
+        raise ValueError(f"label ids must lie in [0, 65535] to be written as a PNG, got {labels.min()}..{labels.max()}")
+    dtype = np.uint8 if labels.max(initial=0) < 256 else np.uint16
+    return Image.fromarray(np.ascontiguousarray(labels.astype(dtype)))
 
 
 def colorize(labels: np.ndarray) -> Image.Image:
@@ -112,9 +122,8 @@ def save_result(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     labels = result.labels.cpu().numpy()
-    dtype = np.uint8 if labels.max(initial=0) < 256 else np.uint16
     paths = {"labels": out / f"{stem}.labels.png", "json": out / f"{stem}.json"}
-    Image.fromarray(labels.astype(dtype)).save(paths["labels"])
+    label_image(labels).save(paths["labels"])
     paths["json"].write_text(json.dumps(segment_summary(result), indent=2))
     if image is not None:
         paths["overlay"] = out / f"{stem}.overlay.png"

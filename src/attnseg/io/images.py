@@ -69,6 +69,11 @@ def load_image(source: str | Path | Image.Image | np.ndarray | Any, *, min_size:
                 image = im.copy()
         except UnidentifiedImageError:
             raise ImageError(f"{path} is not an image file (or an unsupported format)") from None
+        except Image.DecompressionBombError:
+            raise ImageError(
+                f"{path} is too large to decode safely (over {2 * (Image.MAX_IMAGE_PIXELS or 0) // 1_000_000} MP, "
+                "a possible decompression bomb); downscale it first"
+            ) from None
         except OSError as exc:
             raise ImageError(f"cannot read image {path}: {exc}") from None
         name = str(path)
