@@ -21,7 +21,15 @@ if TYPE_CHECKING:
     from attnseg.models.base import DiffusionAdapter
     from attnseg.types import Prompt, SegmentationResult
 
-__all__ = ["AttentionSegmentationPipeline", "PipelineOutput"]
+__all__ = ["AttentionSegmentationPipeline", "PipelineOutput", "part_store_path"]
+
+
+def part_store_path(path: str | Path | None, index: int) -> Path | None:
+    """Where the store of prompt ``index`` goes: ``path`` itself for the first, ``NAME-p2.EXT`` for the second..."""
+    if path is None or index == 0:
+        return None if path is None else Path(path)
+    path = Path(path)
+    return path.with_name(f"{path.stem}-p{index + 1}{path.suffix}")
 
 
 @dataclass(frozen=True)
@@ -31,12 +39,15 @@ class PipelineOutput:
     Attributes:
         result: the segmentation, at the size of :attr:`image`.
         image: the input as the model saw it (cropped/resized RGB).
-        store: the captured attention (save it to re-run methods without the model).
+        store: the captured attention (save it to re-run methods without the model); the first prompt's when the
+            method's classes were spread over several prompts.
+        stores: every prompt's store, in order (``(store,)`` for one prompt).
     """
 
     result: SegmentationResult
     image: Image.Image
     store: AttentionStore
+    stores: tuple[AttentionStore, ...] = ()
 
 
 class AttentionSegmentationPipeline:
@@ -144,16 +155,51 @@ class AttentionSegmentationPipeline:
         size = tuple(store.meta.get("image_size", ())) or None
         return self.method.segment(store, prompt=encoded, out_size=size)  # type: ignore[arg-type]
 
+    def prompt_fitting(self, text: str, words: Any) -> list[bool]:
+        """Per word of ``words``: does the model's tokenizer keep all of it when encoding ``text``?"""
+        from attnseg.prompts import words_within
+
+        return words_within(self.adapter.encode_prompt(text), words)
+
+    def prompt_parts(self) -> list[Segmenter]:
+        """The method once per prompt: ``[method]``, or several parts when its classes do not fit in one prompt of
+        the model's text encoder (a method that can spread them implements ``split_prompts``, e.g. GoCA)."""
+        split = getattr(self.method, "split_prompts", None)
+        return [self.method] if split is None else list(split(self.prompt_fitting))
+
     def run(self, image: Any, *, store_path: str | Path | None = None, **kwargs: Any) -> PipelineOutput:
         """Capture, then segment.
 
+        Classes beyond one prompt's token limit are spread over several prompts (one capture per prompt, the
+        method's ``combine_parts`` merges the results; ``result.meta["prompts"]`` says how many), never dropped.
+
         Args:
             image: a path, PIL image, array or tensor (see :func:`attnseg.io.images.load_image`).
-            store_path: also save the captured attention there.
+            store_path: also save the captured attention there (several prompts: ``NAME-p2.EXT``... for the others).
             prompt, timestep, add_noise: override the method's run options.
             seed, generator: every random draw (posterior sample, noise).
             size: ``(H, W)`` model input size (default: the adapter's resolution).
         """
+        parts = self.prompt_parts()
+        if len(parts) > 1:
+            if kwargs.get("prompt") is not None:
+                raise ConfigError("the classes are spread over several prompts, so a prompt cannot be given to run()")
+            if kwargs.get("generator") is not None:
+                raise ConfigError("several prompts are captured: give a seed, not a generator, so each draws the same")
+            outputs = [
+                AttentionSegmentationPipeline(self.adapter, part, mode=self.mode)._run_one(
+                    image, store_path=part_store_path(store_path, i), **kwargs)
+                for i, part in enumerate(parts)
+            ]
+            result = self.method.combine_parts([o.result for o in outputs])  # type: ignore[attr-defined]
+            return PipelineOutput(result=result, image=outputs[0].image, store=outputs[0].store,
+                                  stores=tuple(o.store for o in outputs))
+        output = self._run_one(image, store_path=store_path, **kwargs)
+        if hasattr(self.method, "split_prompts"):
+            output = replace(output, result=replace(output.result, meta={**output.result.meta, "prompts": 1}))
+        return output
+
+    def _run_one(self, image: Any, *, store_path: str | Path | None = None, **kwargs: Any) -> PipelineOutput:
         store, shown, encoded = self._capture(image, **kwargs)
         if store_path is not None:
             store.save(store_path)
@@ -161,7 +207,7 @@ class AttentionSegmentationPipeline:
         result = self.method.segment(store, prompt=encoded, out_size=(shown.size[1], shown.size[0]))
         meta = {**result.meta, "segment_seconds": round(time.perf_counter() - start, 4),
                 "denoise_seconds": store.meta.get("denoise_seconds")}
-        return PipelineOutput(result=replace(result, meta=meta), image=shown, store=store)
+        return PipelineOutput(result=replace(result, meta=meta), image=shown, store=store, stores=(store,))
 
     def __call__(self, image: Any, **kwargs: Any) -> SegmentationResult:
         return self.run(image, **kwargs).result

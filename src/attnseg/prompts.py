@@ -9,7 +9,7 @@ from typing import Any
 from attnseg.errors import TokenNotFoundError
 from attnseg.types import Prompt, TokenSpan
 
-__all__ = ["STOP_WORDS", "Tokenized", "content_tokens", "find_word", "tokenize", "unknown_words"]
+__all__ = ["STOP_WORDS", "Tokenized", "content_tokens", "find_word", "tokenize", "unknown_words", "words_within"]
 
 # Skipped as "content" (GoCA's reference skips these, plus punctuation and special tokens).
 STOP_WORDS = frozenset({"a", "an", "the", "and", "of", "with", "in", "on", "at", "to", "photo", "picture", "image"})
@@ -91,6 +91,21 @@ def find_word(prompt: Prompt, word: str, *, occurrence: int = 0) -> TokenSpan:
             f"{word!r} was cut off: the prompt is longer than the tokenizer's limit of {len(prompt.tokens)} tokens"
         )
     return TokenSpan(text=word, start=start, end=end, indices=indices)
+
+
+def words_within(prompt: Prompt, words: Any) -> list[bool]:
+    """Per word (first occurrence in ``prompt.text``): True when all of it lies within the tokens the tokenizer kept.
+
+    A word the tokenizer's length limit cut off, entirely or in part, gives False; so does a word not in the text.
+    """
+    kept = [b for i, ((_, b), s) in enumerate(zip(prompt.offsets, prompt.special, strict=True))
+            if not s and i < prompt.length]
+    last = max(kept, default=0)
+    out = []
+    for word in words:
+        spans = _word_spans(prompt.text, str(word).strip())
+        out.append(bool(spans) and spans[0][1] <= last)
+    return out
 
 
 def content_tokens(prompt: Prompt) -> list[int]:

@@ -364,10 +364,10 @@ def test_semantic_method_gets_oracle_classes_and_a_background_offset(toy_data, t
 
 
 @pytest.mark.usefixtures("fake_methods")
-def test_semantic_class_sources(toy_data, tmp_path):
+def test_semantic_class_sources(toy_data, tiny_sd_dir, tmp_path):
     captions = tmp_path / "captions.json"
     captions.write_text(json.dumps({f"img{i}": ["red", "sky"] for i in range(NUM_IMAGES)}))
-    common = {"dataset": "generic", "root": toy_data, "method": "fake-semantic", "model": "unused"}
+    common = {"dataset": "generic", "root": toy_data, "method": "fake-semantic", "model": str(tiny_sd_dir)}
     label = np.array([[0, 2], [2, 255]])
     run = EvaluationRun(tmp_path / "a", class_source="vocabulary", **common)
     assert run._classes("img0", label) == ["red", "blue"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from attnseg.cli.common import OneLineErrorGroup, handle_errors, method_parameters, set_debug
+from attnseg.cli.common import OneLineErrorGroup, add_debug_option, handle_errors, method_parameters
 
 app = typer.Typer(
     name="attnseg",
@@ -30,14 +30,7 @@ app = typer.Typer(
     cls=OneLineErrorGroup,
 )
 
-
-@app.callback()
-def _options(
-    debug: bool = typer.Option(
-        False, "--debug", help="Show the full traceback of an error (also accepted after the command's options)."
-    ),
-) -> None:
-    set_debug(debug)
+add_debug_option(app)
 
 
 @app.command("list")

@@ -30,6 +30,7 @@ __all__ = [
     "EXIT_INTERNAL",
     "EXIT_INTERRUPTED",
     "OneLineErrorGroup",
+    "add_debug_option",
     "debug_enabled",
     "describe_exception",
     "fail",
@@ -118,6 +119,18 @@ def handle_errors() -> Iterator[None]:
         _report(exc)
 
 
+def add_debug_option(app: typer.Typer) -> None:
+    """Give ``app`` the ``--debug`` option (show tracebacks instead of one-line errors)."""
+
+    @app.callback()
+    def _options(
+        debug: bool = typer.Option(
+            False, "--debug", help="Show the full traceback of an error (also accepted after the command's options)."
+        ),
+    ) -> None:
+        set_debug(debug)
+
+
 def _move_debug_flag(args: Sequence[str]) -> list[str]:
     """``--debug`` is accepted anywhere before a literal ``--``: it is moved to the front, where the app takes it."""
     args = list(args)
@@ -178,7 +191,8 @@ def _literal(text: str) -> Any:
 
 
 def parse_params(items: list[str] | None) -> dict[str, Any]:
-    """``["kl_thresholds=0.9,0.9,0.9", "refine=true"]`` -> ``{"kl_thresholds": (0.9, 0.9, 0.9), "refine": True}``."""
+    """``["kl_thresholds=0.9,0.9,0.9", "refine=true"]`` -> ``{"kl_thresholds": (0.9, 0.9, 0.9), "refine": True}``;
+    a name given twice takes its last value."""
     out: dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
@@ -187,8 +201,6 @@ def parse_params(items: list[str] | None) -> dict[str, Any]:
         key = key.strip().replace("-", "_")
         if not key.isidentifier():
             raise ConfigError(f"parameter name {key!r} in {item!r} is not a name; use NAME=VALUE, e.g. -P refine=true")
-        if key in out:
-            raise ConfigError(f"parameter {key} is given twice; keep one -P {key}=VALUE")
         out[key] = _literal(value.strip())
     return out
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from attnseg.errors import ConfigError, ImageError
+from attnseg.models.spec import DTYPES, check_device, check_dtype
 
 if TYPE_CHECKING:
     from attnseg.methods.base import Segmenter
@@ -35,8 +36,6 @@ __all__ = [
     "parse_int_list",
 ]
 
-DTYPES = ("float32", "bfloat16", "float16")
-_DEVICE = re.compile(r"^(cpu|auto|mps|xpu|cuda|cuda:\d+|xpu:\d+)$")
 # what the method's named shortcuts are called on the command line
 _FLAGS = {"ks": "--k", "classes": "--classes", "target": "--target", "variant": "--variant", "prompt": "--prompt"}
 
@@ -78,40 +77,6 @@ def check_finite(value: float | None, flag: str, *, minimum: float | None = None
         raise ConfigError(f"{flag} must be a finite number, got {value}{'; ' + hint if hint else ''}")
     if minimum is not None and value < minimum:
         raise ConfigError(f"{flag} must be >= {minimum}, got {value}{'; ' + hint if hint else ''}")
-
-
-def check_dtype(dtype: str) -> None:
-    if dtype not in DTYPES:
-        raise ConfigError(f"--dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
-
-
-def check_device(device: str) -> str:
-    """Check ``--device`` and resolve ``auto``; torch is imported only for a device other than the CPU.
-
-    Returns the device to load the model on (``"auto"`` becomes ``"cuda"`` or ``"cpu"``).
-    """
-    device = str(device).strip().lower()
-    if not _DEVICE.match(device):
-        raise ConfigError(f"--device {device!r} is not a device; use cpu, cuda, cuda:N, mps or auto")
-    if device == "cpu":
-        return device
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            build = f" (torch {torch.__version__})" if "+cpu" in torch.__version__ else ""
-            raise ConfigError(f"--device {device}: CUDA is not available on this machine{build}; use --device cpu")
-        index = int(device.split(":")[1]) if ":" in device else 0
-        if index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s); "
-                              f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
-    elif device == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise ConfigError("--device mps: Apple's MPS backend is not available here; use --device cpu")
-    elif device.startswith("xpu") and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
-        raise ConfigError(f"--device {device}: no Intel XPU is available here; use --device cpu")
-    return device
 
 
 def check_out_dir(out: Path, flag: str = "--out") -> None:

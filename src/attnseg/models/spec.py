@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +24,12 @@ from urllib.parse import urlparse
 from attnseg.errors import ConfigError, InvalidModelError, ModelNotFoundError, UnsupportedModelError
 
 __all__ = [
+    "DTYPES",
     "PIPELINE_FAMILIES",
     "PLANNED_FAMILIES",
     "ModelSpec",
+    "check_device",
+    "check_dtype",
     "describe_model",
     "hub_offline",
     "hub_reachable",
@@ -51,6 +55,8 @@ OFFLINE_HINT = (
     "local folder with --model DIR, or set HF_HUB_OFFLINE=1 to use a copy already in the Hugging Face cache."
 )
 _DEFAULT_ENDPOINT = "https://huggingface.co"
+DTYPES = ("float32", "bfloat16", "float16")
+_DEVICE = re.compile(r"^(cpu|auto|mps|xpu|cuda|cuda:\d+|xpu:\d+)$")
 
 
 @dataclass(frozen=True)
@@ -114,6 +120,41 @@ class ModelSpec:
         except (OSError, ValueError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise InvalidModelError(f"cannot read the tokenizer of {self.name}: {first}") from None
+
+
+def check_dtype(dtype: str) -> None:
+    """Refuse a dtype other than float32, bfloat16 and float16."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+
+
+def check_device(device: str, *, flag: str = "--device") -> str:
+    """Check ``--device`` and resolve ``auto``; torch is imported only for a device other than the CPU.
+
+    Returns the device to load the model on (``"auto"`` becomes ``"cuda"`` or ``"cpu"``).
+    """
+    device = str(device).strip().lower()
+    if not _DEVICE.match(device):
+        raise ConfigError(f"{flag} {device!r} is not a device; use cpu, cuda, cuda:N, mps or auto")
+    if device == "cpu":
+        return device
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            build = f" (torch {torch.__version__})" if "+cpu" in torch.__version__ else ""
+            raise ConfigError(f"{flag} {device}: CUDA is not available on this machine{build}; use --device cpu")
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"{flag} {device}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                              f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    elif device == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ConfigError(f"{flag} mps: Apple's MPS backend is not available here; use --device cpu")
+    elif device.startswith("xpu") and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        raise ConfigError(f"{flag} {device}: no Intel XPU is available here; use --device cpu")
+    return device
 
 
 def read_json_file(path: Path, what: str) -> dict[str, Any]:
