@@ -16,11 +16,18 @@ def inspect_cmd(
     store: Path = typer.Argument(..., help="An attention store saved by `segment --save-store` or `evaluate`."),
     as_json: bool = typer.Option(False, "--json", help="Print the store's header and tensor shapes as JSON."),
 ) -> None:
-    """Show what a saved attention store holds: its format, the capture settings and every map with its shape."""
+    """Show what a saved attention store holds: its format, the capture settings and every map with its shape.
+
+    The store is read in full, so that a damaged file is reported here rather than by a later run.
+    """
     with handle_errors():
-        from attnseg.capture.store import read_store_header
+        from attnseg.capture.pca import _FORMAT as PCA_FORMAT
+        from attnseg.capture.pca import PCAHeadStore
+        from attnseg.capture.store import AttentionStore, read_store_header
 
         header, shapes = read_store_header(store)
+        reader = PCAHeadStore if header.get("format") == PCA_FORMAT else AttentionStore
+        reader.load(store)  # every field and tensor checked
         entries = header.get("entries") if isinstance(header.get("entries"), dict) else {}
         meta = header.get("meta") if isinstance(header.get("meta"), dict) else {}
         if as_json:

@@ -107,6 +107,10 @@ def _read_only(path: Path) -> bool:
 
 def check_images(inputs: Iterable[Path]) -> list[Path]:
     """Expand folders into their images and check that every file exists (images are decoded later)."""
+    inputs = [Path(p) for p in inputs]
+    for path in inputs:  # before importing numpy and PIL: a typo answers at once
+        if not path.exists():
+            raise ImageError(f"image not found: {path} (check the path)")
     from attnseg.io.images import expand_image_paths
 
     paths = expand_image_paths(inputs)

@@ -1,9 +1,11 @@
 """An exclusive lock on one shard of an evaluation run folder, so that two processes never write it at once.
 
 ``RUNDIR/.lock-<rank>`` is locked with ``flock`` while a process writes that shard: the kernel drops the lock when
-the process ends, however it ends (a SIGKILL included), so a lock left by a dead process is stale by construction.
-The file also records the owner (pid, host, start time) for the error message. Where ``fcntl`` is missing, the
-lock falls back to creating the file exclusively and treats it as stale when its process no longer exists.
+the process ends, however it ends (a SIGKILL included), so a lock file left by a dead process is stale by
+construction and is simply taken over. The file records the owner (pid, host, start time) for the error message and
+is removed on release; a process that locked a file which was removed or replaced meanwhile tries again, so two
+processes never hold two different files. Where ``fcntl`` is missing, the lock falls back to creating the file
+exclusively and treats it as stale when its process (by pid and start time) no longer exists.
 
 Example:
     >>> with RunLock("runs/a", rank=0):  # doctest: +SKIP
@@ -116,16 +118,25 @@ class RunLock:
         if self._fd is not None:
             return self
         if fcntl is not None:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                os.close(fd)
-                raise self._refuse() from None
-            os.ftruncate(fd, 0)
-            os.write(fd, self._record())
-            self._fd = fd
-            return self
+            for _ in range(20):
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    os.close(fd)
+                    raise self._refuse() from None
+                try:
+                    same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+                except FileNotFoundError:
+                    same = False
+                if not same:  # released and removed by its owner between our open and our lock: try again
+                    os.close(fd)
+                    continue
+                os.ftruncate(fd, 0)
+                os.write(fd, self._record())
+                self._fd = fd
+                return self
+            raise self._refuse()
         for _ in range(3):  # pragma: no cover - platforms without fcntl
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
@@ -146,15 +157,9 @@ class RunLock:
         fd, self._fd = self._fd, None
         if fd is None:
             return
-        if fcntl is not None:
-            # the file stays (unlinking it would let two processes lock two different files); the lock goes
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, 0)
-            os.close(fd)
-            return
-        os.close(fd)  # pragma: no cover
-        with contextlib.suppress(FileNotFoundError):  # pragma: no cover
-            self.path.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()  # while still locked: a waiting process notices the removal and tries again
+        os.close(fd)
 
     def __enter__(self) -> RunLock:
         return self.acquire()

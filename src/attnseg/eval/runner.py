@@ -54,7 +54,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from attnseg.errors import AttnSegError, ConfigError, DatasetError, RunLockedError
-from attnseg.eval.lock import RunLock, lock_path
+from attnseg.eval.lock import RunLock
 from attnseg.eval.report import (
     CONFIG_NAME,
     RESULTS_GLOB,
@@ -984,7 +984,6 @@ class EvaluationRun:
             self.close()
             if fresh:  # nothing of this run was kept: leave no empty folder behind
                 with contextlib.suppress(OSError):
-                    lock_path(out, self.rank).unlink()
                     out.rmdir()
             raise
         self._prepared = True

@@ -218,7 +218,10 @@ def describe_model(name: str, *, revision: str | None = None) -> ModelSpec:
         if not path.is_dir():
             raise ModelNotFoundError(f"--model {name} is a file; give the model's folder (the one holding "
                                      "model_index.json), a Hub id or 'toyworld'")
-        if is_toy_model_dir(path):
+        if is_toy_model_dir(path) or (
+            not (path / "model_index.json").exists() and (path / "config.json").is_file()
+            and (path / "model.safetensors").is_file()
+        ):  # a toy model folder (a damaged config.json is reported as such)
             return _toy_spec(name, path, "folder")
         return _diffusers_spec(name, path, "folder")
     if _looks_like_path(name):
