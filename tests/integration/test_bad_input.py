@@ -50,9 +50,11 @@ def _png_header_only(path: Path, width: int, height: int) -> None:
 def _write_sd_configs(root: Path, changes: dict[str, Any] | None = None) -> Path:
     """The configuration files of a tiny Stable Diffusion folder (no weights: every case fails before loading)."""
     configs: dict[str, Any] = {
-        "model_index.json": {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-                             "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
-                             "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDPMScheduler"]},
+        "model_index.json": {
+            "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDPMScheduler"],
+        },
         "unet/config.json": {"sample_size": 16, "cross_attention_dim": 32, "block_out_channels": [32, 64]},
         "vae/config.json": {"block_out_channels": [8, 16]},
         "text_encoder/config.json": {"hidden_size": 32, "max_position_embeddings": 77},
@@ -137,7 +139,7 @@ def _run_folder(env: Env, **options: Any) -> Path:
 # set-ups of the cases that need more than the common files
 
 
-def _setup(env: Env, name: str, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: C901 (one branch per case)
+def _setup(env: Env, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     r = env.root
     if name == "text-as-png":
         (r / "notes.png").write_text("hello")
