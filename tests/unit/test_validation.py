@@ -23,7 +23,7 @@ class _FakeSubwordTokenizer:
     """A sentencepiece-like tokenizer: known pieces, everything else one unknown token (id 2)."""
 
     unk_token_id = 2
-    _pieces = {"cat": [10], "grass": [11, 12], "wall": [13]}
+    _pieces = {"cat": [10], "grass": [11, 12], "wall": [13], "catz": [10, 2]}
 
     def __call__(self, word: str, add_special_tokens: bool = False) -> dict:
         return {"input_ids": self._pieces.get(word.lower(), [self.unk_token_id, self.unk_token_id])}
@@ -42,8 +42,8 @@ def test_unknown_words_with_the_toy_vocabulary():
 def test_unknown_words_with_subword_tokenizers(clip_tokenizer):
     from attnseg.prompts import unknown_words
 
-    # a word is unknown only when every piece of it is the unknown token
-    assert unknown_words(_FakeSubwordTokenizer(), ["cat", "grass wall", "zebra", "cat zebra"]) == {
+    # a word is unknown only when every piece of it is the unknown token ("catz" is partly known)
+    assert unknown_words(_FakeSubwordTokenizer(), ["cat", "grass wall", "zebra", "cat zebra", "catz"]) == {
         "zebra": ("zebra",), "cat zebra": ("zebra",),
     }
     # CLIP's byte-level BPE represents any word, whatever its letters
