@@ -4,7 +4,6 @@ replaced on request. These run the models (tiny random SD, the bundled toy model
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -98,7 +97,8 @@ def test_segment_json_says_how_many_prompts(tiny_sd_dir, tmp_path, rgb_image):
     info = json.loads((out / "two-halves.json").read_text())
     assert info["meta"]["prompts"] == 2 and len(info["meta"]["prompt_texts"]) == 2
     assert {s.get("name") for s in info["segments"]} <= {"background", *CLASSES}
-    assert (out / "two-halves.attention.safetensors").is_file() and (out / "two-halves.attention-p2.safetensors").is_file()
+    assert (out / "two-halves.attention.safetensors").is_file()
+    assert (out / "two-halves.attention-p2.safetensors").is_file()
 
 
 def test_allow_unknown_skips_the_word_with_one_warning(tmp_path):

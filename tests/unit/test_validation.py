@@ -14,7 +14,6 @@ from PIL import Image
 
 from attnseg.errors import ConfigError, RunLockedError, StoreError
 
-
 # --------------------------------------------------------------------------------------------
 # words
 
@@ -23,7 +22,9 @@ class _FakeSubwordTokenizer:
     """A sentencepiece-like tokenizer: known pieces, everything else one unknown token (id 2)."""
 
     unk_token_id = 2
-    _pieces = {"cat": [10], "grass": [11, 12], "wall": [13], "catz": [10, 2]}
+
+    def __init__(self) -> None:
+        self._pieces = {"cat": [10], "grass": [11, 12], "wall": [13], "catz": [10, 2]}
 
     def __call__(self, word: str, add_special_tokens: bool = False) -> dict:
         return {"input_ids": self._pieces.get(word.lower(), [self.unk_token_id, self.unk_token_id])}
@@ -246,17 +247,19 @@ def test_per_k_clustering_labels_do_not_wrap(tmp_path):
     from attnseg.cli.segment import write_clustering
 
     class Clustering:
-        label_maps = {300: torch.arange(16 * 16).reshape(16, 16) + 40}  # ids 40..295: wraps in 8 bits
-        masks = [torch.ones(16, 16, dtype=torch.bool)]
-        mask_k = [300]
-        mask_label = [0]
+        def __init__(self) -> None:
+            self.label_maps = {300: torch.arange(16 * 16).reshape(16, 16) + 40}  # ids 40..295: wraps in 8 bits
+            self.masks = [torch.ones(16, 16, dtype=torch.bool)]
+            self.mask_k = [300]
+            self.mask_label = [0]
 
         def summary(self) -> dict:
             return {}
 
-    write_clustering(Clustering(), Image.new("RGB", (16, 16)), tmp_path, "img", pca_rgb=False)
+    clustering = Clustering()
+    write_clustering(clustering, Image.new("RGB", (16, 16)), tmp_path, "img", pca_rgb=False)
     back = np.asarray(Image.open(tmp_path / "img.k300.labels.png")).astype(np.int64)
-    assert np.array_equal(back, Clustering.label_maps[300].numpy())
+    assert np.array_equal(back, clustering.label_maps[300].numpy())
 
 
 # --------------------------------------------------------------------------------------------
