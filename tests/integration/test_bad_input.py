@@ -376,6 +376,7 @@ CASES: list[tuple[Any, ...]] = [
     ("steps-beyond-schedule", [*GEN, "--steps", "5000"], "exceeds the model's training schedule"),
     ("gen-k-letters", [*GEN, "--k", "x,y"], "--k takes whole numbers"),
     ("gen-size-zero", [*GEN, "--size", "0"], "--size must be >= 1"),
+    ("gen-goca-without-classes", [*GEN, "--method", "goca"], "needs -P classes=VALUE"),
     ("gen-out-is-file", GEN, "is a file"),
     # ---- evaluate: options, datasets, run folders
     ("eval-root-missing", ["evaluate", "--dataset", "generic", "--root", "{root}/nope", "--model", "toyworld",

@@ -343,3 +343,80 @@ def test_result_lines_are_validated_on_read(tmp_path, line, problem):
     path.write_text(line + "\n")
     with pytest.raises(AttnSegError, match=problem):
         read_jsonl(path)
+
+
+# --------------------------------------------------------------------------------------------
+# the evaluation configuration
+
+
+@pytest.fixture()
+def generic_data(tmp_path) -> Path:
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    (root / "classes.txt").write_text("background\ncircle\nsquare\n")
+    for i in range(3):
+        Image.fromarray(np.full((20, 24, 3), 40 * i, np.uint8)).save(root / "images" / f"s{i}.png")
+        Image.fromarray(np.eye(20, 24, dtype=np.uint8)).save(root / "labels" / f"s{i}.png")
+    return root
+
+
+def test_evaluation_config_round_trips_through_json_and_is_frozen(generic_data):
+    import dataclasses
+
+    from attnseg.eval.runner import EvaluationConfig, resolve_evaluation
+
+    config = resolve_evaluation(dataset="generic", root=generic_data, model="toyworld", method="diffseg",
+                                params={"kl_thresholds": (0.5, 0.5)}, seed=3, limit=2)
+    assert config.ids == ("s0", "s1") and config.num_images == 2 and config.matching == "per-image-hungarian"
+    assert config.method_params["kl_thresholds"] == [0.5, 0.5]  # recorded with every default, JSON-normalised
+    again = EvaluationConfig.from_json(json.loads(json.dumps(config.to_json())))
+    assert again == config and again.differences(config) == []
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.seed = 4  # type: ignore[misc]
+    other = resolve_evaluation(dataset="generic", root=generic_data, model="toyworld", method="diffseg",
+                               params={"kl_thresholds": (0.5, 0.5)}, seed=4, limit=3)
+    diffs = other.differences(config)
+    assert [d.split(":")[0] for d in diffs] == ["num_images", "ids_sha256", "limit", "seed"]
+    assert "seed: 3 -> 4" in diffs
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"matching": "semantic"}, "cannot be scored with matching"),
+        ({"class_source": "oracle"}, "does not fit a class-agnostic method"),
+        ({"seed": -1}, "seed must be an integer >= 0"),
+        ({"size": 0}, "size must be an integer >= 1"),
+        ({"dtype": "float64"}, "dtype must be"),
+        ({"ids": ("s0", "s0")}, "distinct ids"),
+        ({"ids_sha256": "0" * 64}, "ids_sha256 does not match"),
+        ({"method_kind": "magic"}, "method_kind must be one of"),
+        ({"background_offset": float("nan")}, "background_offset must be finite"),
+    ],
+)
+def test_evaluation_config_refuses_inconsistent_fields(generic_data, change, message):
+    import dataclasses
+
+    from attnseg.eval.runner import resolve_evaluation
+
+    config = resolve_evaluation(dataset="generic", root=generic_data, model="toyworld", limit=2)
+    if "ids" in change:
+        change = {**change, "num_images": 2}
+    with pytest.raises(ConfigError, match=message):
+        dataclasses.replace(config, **change)
+
+
+def test_evaluation_run_takes_a_config_and_refuses_a_changed_one(generic_data, tmp_path):
+    from attnseg.eval.runner import EvaluationRun, resolve_evaluation
+
+    config = resolve_evaluation(dataset="generic", root=generic_data, model="toyworld", limit=2)
+    run = EvaluationRun(tmp_path / "run", config)
+    run.prepare()
+    run.close()
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["identity"] == config.identity()
+    changed = resolve_evaluation(dataset="generic", root=generic_data, model="toyworld", limit=2, seed=9)
+    with pytest.raises(ConfigError, match=r"another configuration \(seed: 0 -> 9\)"):
+        EvaluationRun(tmp_path / "run", changed).prepare()
+    with pytest.raises(ConfigError, match="not both"):
+        EvaluationRun(tmp_path / "run", config, seed=1)

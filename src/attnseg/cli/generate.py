@@ -60,7 +60,7 @@ def generate_cmd(
         if steps is not None and steps > spec.num_train_timesteps:
             raise ConfigError(f"--steps {steps} exceeds the model's training schedule of {spec.num_train_timesteps} "
                               f"steps; use --steps {spec.num_train_timesteps} or fewer")
-        seg = make_method(method, method_kwargs(method, param, ks=ks))
+        seg = make_method(method, method_kwargs(method, param, ks=ks), flags={"ks": "--k"})
         device = check_device(device)
 
         quiet_libraries()

@@ -122,8 +122,13 @@ def check_images(inputs: Iterable[Path]) -> list[Path]:
     return paths
 
 
-def make_method(name: str, kwargs: Mapping[str, Any]) -> Segmenter:
-    """Create a registered method, naming the flag of a missing required hyper-parameter (e.g. goca's --classes)."""
+def make_method(name: str, kwargs: Mapping[str, Any], *, flags: Mapping[str, str] | None = None) -> Segmenter:
+    """Create a registered method, naming the flag of a missing required hyper-parameter (e.g. goca's --classes).
+
+    ``flags`` maps hyper-parameters to the command's shortcut options (default: ``segment``'s); the others are
+    named as ``-P NAME=VALUE``.
+    """
+    flags = _FLAGS if flags is None else flags
     from attnseg.methods.base import METHODS, create_method, list_methods
 
     list_methods()  # registers the built-in methods
@@ -134,9 +139,9 @@ def make_method(name: str, kwargs: Mapping[str, Any]) -> Segmenter:
         if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is inspect.Parameter.empty and n not in kwargs
     ]
     if missing:
-        flags = ", ".join(_FLAGS.get(n, f"-P {n}=VALUE") for n in missing)
-        example = " (e.g. --classes 'cat, grass, sky')" if "classes" in missing else ""
-        raise ConfigError(f"method {name!r} needs {flags}{example}")
+        named = ", ".join(flags.get(n, f"-P {n}=VALUE") for n in missing)
+        example = " (e.g. --classes 'cat, grass, sky')" if "classes" in missing and "classes" in flags else ""
+        raise ConfigError(f"method {name!r} needs {named}{example}")
     try:
         return create_method(name, **kwargs)
     except TypeError as exc:  # a value of the wrong kind that the method did not check itself

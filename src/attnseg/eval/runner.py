@@ -2,10 +2,14 @@
 
 A run lives in one folder (``--out RUNDIR``)::
 
-    RUNDIR/config.json               what defines the run (written once; a restart must match it)
-    RUNDIR/results-<rank>.jsonl      one line per finished image, appended and fsync'ed at once
-    RUNDIR/stores/<id>.safetensors   optional cache of the captured attention (``cache_stores``)
+    RUNDIR/config.json               what defines the run (:class:`EvaluationConfig`; written once, a restart
+                                     must match it field by field)
+    RUNDIR/results-<rank>.jsonl      one line per finished image, appended whole and fsync'ed at once
+    RUNDIR/stores/<key>/<id>.safetensors
+                                     optional cache of the captured attention (``cache_stores``), one folder
+                                     per set of capture settings (:func:`store_key`; ``<key>/capture.json``)
     RUNDIR/report.json, report.md    written when every image is done (or by ``attnseg report``)
+    RUNDIR/.lock-<rank>              held while a process writes that shard (:class:`~attnseg.eval.lock.RunLock`)
 
 Per image (METHODS.md "Evaluation" of §2-5):
 
@@ -20,16 +24,20 @@ Per image (METHODS.md "Evaluation" of §2-5):
 4. score it and append ``{id, index, metrics, counts, timings}`` to ``results-<rank>.jsonl``.
 
 A killed run resumes with the same command: finished ids are read from every results file (a torn
-last line is dropped) and skipped. Every random draw of an image is seeded by
-:func:`image_seed` (run seed + image id), so results do not depend on the order, on restarts or on the
-number of processes. Under ``accelerate launch`` / ``torchrun`` each process evaluates
+last line is dropped) and skipped. Every file is written atomically (a temporary file and a rename, or a
+whole line appended and cut back if the write fails), so a crash or a full disk never leaves a half file
+that a resume would trust. Two processes never write one shard at once: the second one stops with
+:class:`~attnseg.errors.RunLockedError`; the lock of a killed process is released by the system. Before any
+image is evaluated, every pending image's label is checked to have its image's size. Every random draw of
+an image is seeded by :func:`image_seed` (run seed + image id), so results do not depend on the order, on
+restarts or on the number of processes. Under ``accelerate launch`` / ``torchrun`` each process evaluates
 ``dataset.shard(rank, world)``; the report merges the integer counts of all files, which gives exactly
 the numbers of a single process.
 
 Example:
-    >>> run = EvaluationRun("runs/ds", dataset="generic", root="data/toy", method="diffseg",
-    ...                     params={"num_anchors": 4}, model="toyworld", limit=8)  # doctest: +SKIP
-    >>> summary = run.run()  # doctest: +SKIP
+    >>> config = resolve_evaluation(dataset="generic", root="data/toy", method="diffseg",
+    ...                             params={"num_anchors": 4}, model="toyworld", limit=8)  # doctest: +SKIP
+    >>> summary = EvaluationRun("runs/ds", config).run()  # doctest: +SKIP
     >>> summary.report["metrics"]["miou"]  # doctest: +SKIP
 """
 
