@@ -50,7 +50,7 @@ def prepare_run(
 ) -> CheckedRun:
     """Every check of ``segment`` that needs no model: files, the output folder, the model's description, the
     method's hyper-parameters, timestep and size against the model, words against its tokenizer, the images."""
-    from attnseg.cli.validate import check_images, check_method_words, check_out_dir, make_method
+    from attnseg.cli.validate import check_images, check_method_words, check_out_dir, make_method, precheck_words
     from attnseg.errors import ImageError
     from attnseg.models.spec import describe_model
 
@@ -59,6 +59,8 @@ def prepare_run(
     spec = describe_model(model)
     if size is not None:
         spec.check_size(size)
+    if not allow_unknown:  # explicit words first: no torch import for a typo in --classes
+        precheck_words({**parse_params(params), **{k: v for k, v in named.items() if v is not None}}, spec.tokenizer)
     kwargs = method_kwargs(method, params, **named)
     seg = make_method(method, kwargs)
     if timestep is not None:

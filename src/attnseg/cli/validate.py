@@ -34,6 +34,7 @@ __all__ = [
     "check_out_dir",
     "make_method",
     "parse_int_list",
+    "precheck_words",
 ]
 
 # what the method's named shortcuts are called on the command line
@@ -154,6 +155,38 @@ def _known_examples(tokenizer: Any) -> str:
         words = [w for w in vocab if re.fullmatch(r"\w+", w) and not w.startswith("<")]
         return f"; words it knows include {', '.join(words[:12])}" if words else ""
     return ""
+
+
+def _phrases(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return tuple(p.strip() for p in value.split(",") if p.strip())
+    if isinstance(value, (list, tuple)):
+        return tuple(str(v).strip() for v in value if str(v).strip())
+    return ()
+
+
+def precheck_words(kwargs: Mapping[str, Any], load_tokenizer: Callable[[], Any]) -> None:
+    """The words given explicitly (``classes``, ``background_objects``, ``target``), checked before the method's
+    module is even imported; :func:`check_method_words` checks the method's own defaults afterwards."""
+    from attnseg.prompts import unknown_words
+
+    given = {attr: _phrases(kwargs.get(attr)) for attr in ("classes", "background_objects")}
+    if isinstance(kwargs.get("target"), str):
+        given["target"] = (kwargs["target"].strip(),)
+    given = {k: v for k, v in given.items() if v}
+    if not given:
+        return
+    tokenizer = load_tokenizer()
+    bad = {attr: unknown_words(tokenizer, phrases) for attr, phrases in given.items()}
+    bad = {k: v for k, v in bad.items() if v}
+    if bad:
+        words = sorted({w for found in bad.values() for ws in found.values() for w in ws})
+        listed = ", ".join(repr(w) for w in words)
+        what = " and ".join(_FLAGS.get(a, a.replace("_", " ")) for a in bad)
+        raise ConfigError(
+            f"the model's vocabulary cannot represent {listed} ({what}): its segment would be guesswork; use words "
+            f"the model knows, or pass --allow-unknown to skip them{_known_examples(tokenizer)}"
+        )
 
 
 def check_method_words(
