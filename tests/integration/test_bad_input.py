@@ -326,7 +326,7 @@ CASES: list[tuple[Any, ...]] = [
     ("param-unknown", [*SEG, "-P", "no_such_param=1"], "has no parameter no_such_param"),
     ("param-bad-value", [*SEG, "-P", "kl_thresholds=-1,1"], "kl_thresholds"),
     ("goca-without-classes", [*SEG, "--method", "goca"], "needs --classes"),
-    ("target-for-goca", [*SEG, "--method", "goca", "--classes", "circle", "--target", "hair"],
+    ("target-for-goca", [*SEG, "--method", "goca", "--classes", "circle", "--target", "square"],
      "--target does not apply to method 'goca'"),
     ("out-is-file", SEG, "is a file"),
     ("out-under-file", ["segment", "{ok}", "--model", "toyworld", "--out", "{root}/plain.txt/out"],
