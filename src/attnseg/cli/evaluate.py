@@ -84,7 +84,8 @@ def evaluate_cmd(
       --method goca --model stable-diffusion-v1-5/stable-diffusion-v1-5 --device cuda --out runs/voc
 
     With several processes each one evaluates every N-th image into RUNDIR/results-<rank>.jsonl (with --device
-    cuda, process k uses cuda:<LOCAL_RANK>); the process that finishes last writes the merged report.
+    cuda, process k uses cuda:<LOCAL_RANK>); the process that finishes last writes the merged report. A second
+    process on the same folder and shard stops with one line while the first one is writing it.
     """
     from rich.console import Console
     from rich.progress import (

@@ -904,7 +904,7 @@ class EvaluationRun:
             config = resolve_evaluation(adapter=adapter, **options)
         elif options:
             raise ConfigError(f"give a config or options, not both (got {', '.join(sorted(options))})")
-        self.settings_config = config
+        self.evaluation_config = config
         self.overwrite = overwrite
         self.adapter = adapter
 
@@ -961,7 +961,7 @@ class EvaluationRun:
     @property
     def config(self) -> dict[str, Any]:
         """What ``config.json`` holds (see :meth:`EvaluationConfig.to_json`)."""
-        data = self.settings_config.to_json()
+        data = self.evaluation_config.to_json()
         data["settings"]["store_dir"] = str(self.store_dir.resolve()) if self.cache_stores else None
         data["settings"]["world_size"] = self.world_size
         return data
@@ -1042,7 +1042,7 @@ class EvaluationRun:
         except ConfigError:
             old = None
         if old is not None:
-            diffs = self.settings_config.differences(old)
+            diffs = self.evaluation_config.differences(old)
         else:  # a config this version cannot parse: compare the recorded identity as it is
             diffs = _diff(existing.get("identity", {}), _jsonable(self.identity))
         if not diffs:
