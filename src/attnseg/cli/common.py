@@ -72,11 +72,24 @@ def warn(message: str) -> None:
     typer.secho(f"warning: {_one_line(message)}", fg=typer.colors.YELLOW, err=True)
 
 
-def _is_control_flow(exc: BaseException) -> bool:
-    from typer._click.exceptions import ClickException
-    from typer.exceptions import Abort, Exit
+def _click_exceptions() -> Any:
+    """The exception module of the click typer runs on (typer >= 0.24 vendors it as ``typer._click``)."""
+    try:
+        from typer._click import exceptions
+    except ImportError:  # older typer: click itself
+        from click import exceptions  # type: ignore[no-redef]
+    return exceptions
 
-    return isinstance(exc, (SystemExit, Exit, Abort, ClickException))
+
+def _classes(*candidates: Any) -> tuple[type[BaseException], ...]:
+    """The exception classes among ``candidates`` (None for the ones a click version lacks), for ``except``."""
+    return tuple(c for c in candidates if isinstance(c, type) and issubclass(c, BaseException))
+
+
+def _is_control_flow(exc: BaseException) -> bool:
+    click = _click_exceptions()
+    return isinstance(exc, _classes(SystemExit, typer.Exit, typer.Abort, click.ClickException,
+                                    getattr(click, "Exit", None), getattr(click, "Abort", None)))
 
 
 def describe_exception(exc: BaseException) -> tuple[str, int]:
@@ -147,8 +160,10 @@ class OneLineErrorGroup(TyperGroup):
         self, args: Sequence[str] | None = None, prog_name: str | None = None, complete_var: str | None = None,
         standalone_mode: bool = True, **extra: Any,
     ) -> Any:
-        from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
-        from typer.exceptions import Abort
+        click = _click_exceptions()
+        ClickException, UsageError = click.ClickException, click.UsageError
+        NoArgsIsHelpError = _classes(getattr(click, "NoArgsIsHelpError", None))
+        Abort = _classes(typer.Abort, getattr(click, "Abort", None))
 
         args = _move_debug_flag(sys.argv[1:] if args is None else args)
         if not standalone_mode:
