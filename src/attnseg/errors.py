@@ -11,7 +11,10 @@ __all__ = [
     "ConfigError",
     "DatasetError",
     "ImageError",
+    "InvalidModelError",
     "ModelNotFoundError",
+    "RunLockedError",
+    "StoreError",
     "TokenNotFoundError",
     "UnsupportedModelError",
 ]
@@ -31,6 +34,19 @@ class ImageError(AttnSegError, ValueError):
 
 class ModelNotFoundError(AttnSegError, FileNotFoundError):
     """A model id or folder that cannot be found (offline, typo, missing files)."""
+
+
+class InvalidModelError(AttnSegError, ValueError):
+    """A model folder whose files are malformed (invalid JSON) or do not fit together (e.g. an SDXL UNet inside a
+    Stable Diffusion 1.x folder)."""
+
+
+class StoreError(AttnSegError, ValueError):
+    """A saved attention store that is missing, unreadable or damaged."""
+
+
+class RunLockedError(AttnSegError, RuntimeError):
+    """An evaluation run folder (or one shard of it) that another live process is writing."""
 
 
 class UnsupportedModelError(AttnSegError, NotImplementedError):

@@ -14,6 +14,7 @@ that call, so earlier steps run on the fused fast path.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
@@ -311,8 +312,9 @@ def generate(
     method = _resolve_method(method)
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
         raise ConfigError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
-    if not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
-        raise ConfigError(f"guidance_scale must be a number >= 0, got {guidance_scale!r}")
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
+            or not math.isfinite(guidance_scale) or guidance_scale < 0:
+        raise ConfigError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
     cfg = guidance_scale > 1.0
     half = getattr(method, "cfg_half", "cond")
     if cfg and not batched and half == "both":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import time
 from collections.abc import Sequence
@@ -26,7 +27,14 @@ if TYPE_CHECKING:
     from attnseg.models.base import DiffusionAdapter
     from attnseg.types import LayerInfo, Prompt, SegmentationResult
 
-__all__ = ["AttentionSegmentationPipeline", "PipelineOutput", "PreparedImage", "decode_side", "prepare_image"]
+__all__ = [
+    "AttentionSegmentationPipeline",
+    "PipelineOutput",
+    "PreparedImage",
+    "decode_side",
+    "part_store_path",
+    "prepare_image",
+]
 
 #: images are decoded at up to this many times the model input's longer side (at least MIN_DECODE_SIDE px):
 #: enough for sharp overlays at the original size, without decoding every pixel of a 24-megapixel photo
@@ -88,6 +96,14 @@ def prepare_image(
     return PreparedImage(decoded=decoded, placement=placement, shown=placement.apply(decoded.image))
 
 
+def part_store_path(path: str | Path | None, index: int) -> Path | None:
+    """Where the store of prompt ``index`` goes: ``path`` itself for the first, ``NAME-p2.EXT`` for the second..."""
+    if path is None or index == 0:
+        return None if path is None else Path(path)
+    path = Path(path)
+    return path.with_name(f"{path.stem}-p{index + 1}{path.suffix}")
+
+
 @dataclass(frozen=True)
 class PipelineOutput:
     """Everything one image produced.
@@ -95,9 +111,11 @@ class PipelineOutput:
     Attributes:
         model_result: the segmentation at the model input size (as the method returned it).
         image: the model input as the model saw it (placed: letterboxed, resized or cropped RGB).
-        store: the captured attention (save it to re-run methods without the model).
+        store: the captured attention (save it to re-run methods without the model); the first prompt's when the
+            method's classes were spread over several prompts.
         placement: where the image sat in the model input (None: the model input was the image).
         source: the input as decoded (upright RGB; reduced while decoding when large).
+        stores: every prompt's store, in order (``(store,)`` for one prompt).
     """
 
     model_result: SegmentationResult
@@ -105,6 +123,7 @@ class PipelineOutput:
     store: AttentionStore
     placement: Placement | None = None
     source: Image.Image | None = None
+    stores: tuple[AttentionStore, ...] = ()
 
     @cached_property
     def result(self) -> SegmentationResult:
@@ -199,6 +218,7 @@ class AttentionSegmentationPipeline:
         self.method = method
         self.mode = mode
         self.fit = check_fit(fit)
+        self._parts: tuple[Segmenter, tuple[Segmenter, ...]] | None = None  # see prompt_parts
 
     @classmethod
     def from_pretrained(
@@ -370,6 +390,35 @@ class AttentionSegmentationPipeline:
         size = tuple(store.meta.get("image_size", ())) or None
         return self.method.segment(store, prompt=encoded, out_size=size).cpu()  # type: ignore[arg-type]
 
+    # -- methods whose classes are spread over several prompts ---------------------------------------------------
+
+    def with_method(self, method: Segmenter) -> AttentionSegmentationPipeline:
+        """This pipeline (adapter, mode, fit, preset settings) with another method instance, e.g. one prompt part of
+        :meth:`prompt_parts`."""
+        other = copy.copy(self)
+        other.method = method
+        other._parts = None
+        return other
+
+    def prompt_fitting(self, text: str, words: Any) -> list[bool]:
+        """Per word of ``words``: does the model's tokenizer keep all of it when encoding ``text``?"""
+        from attnseg.prompts import words_within
+
+        return words_within(self.adapter.encode_prompt(text), words)
+
+    def prompt_parts(self) -> list[Segmenter]:
+        """The method once per prompt: ``[method]``, or several parts when its classes do not fit in one prompt of
+        the model's text encoder (a method that can spread them implements ``split_prompts``, e.g. GoCA).
+
+        Computed once per method instance (the prompts are encoded to see what the tokenizer keeps)."""
+        cached = getattr(self, "_parts", None)
+        if cached is not None and cached[0] is self.method:
+            return list(cached[1])
+        split = getattr(self.method, "split_prompts", None)
+        parts = [self.method] if split is None else list(split(self.prompt_fitting))
+        self._parts = (self.method, tuple(parts))
+        return list(parts)
+
     def _segment(self, prepared: PreparedImage, store: AttentionStore, encoded: Prompt) -> PipelineOutput:
         start = time.perf_counter()
         result = self.method.segment(store, prompt=encoded, out_size=prepared.placement.model)
@@ -377,7 +426,46 @@ class AttentionSegmentationPipeline:
         meta = {**result.meta, "segment_seconds": round(time.perf_counter() - start, 4),
                 "denoise_seconds": store.meta.get("denoise_seconds")}
         return PipelineOutput(model_result=replace(result, meta=meta), image=prepared.shown, store=store,
-                              placement=prepared.placement, source=prepared.decoded.image)
+                              placement=prepared.placement, source=prepared.decoded.image, stores=(store,))
+
+    def _combine(self, prepared: PreparedImage, outputs: Sequence[PipelineOutput]) -> PipelineOutput:
+        """One image's output from its prompt parts' outputs (the method's ``combine_parts`` merges the results)."""
+        if len(outputs) == 1:  # the method's prompt holds every class
+            output = outputs[0]
+            if not hasattr(self.method, "split_prompts"):
+                return output
+            result = output.model_result
+            return replace(output, model_result=replace(result, meta={**result.meta, "prompts": 1}))
+        result = self.method.combine_parts([o.model_result for o in outputs])  # type: ignore[attr-defined]
+        timings = {
+            key: round(sum(o.model_result.meta.get(key) or 0.0 for o in outputs), 4)
+            for key in ("segment_seconds", "denoise_seconds")
+        }
+        return PipelineOutput(
+            model_result=replace(result, meta={**result.meta, **timings}), image=prepared.shown,
+            store=outputs[0].store, placement=prepared.placement, source=prepared.decoded.image,
+            stores=tuple(o.store for o in outputs),
+        )
+
+    def _run_group(
+        self, batch: Sequence[PreparedImage], *, store_path: str | Path | None = None, **kwargs: Any
+    ) -> list[PipelineOutput]:
+        """Capture and segment prepared images of one model input size in one denoiser pass per prompt part."""
+        parts = self.prompt_parts()
+        if len(parts) > 1:
+            if kwargs.get("prompt") is not None:
+                raise ConfigError("the classes are spread over several prompts, so a prompt cannot be given to run()")
+            if kwargs.get("generator") is not None:
+                raise ConfigError("several prompts are captured: give a seed, not a generator, so each draws the same")
+        per_image: list[list[PipelineOutput]] = [[] for _ in batch]
+        for index, part in enumerate(parts):
+            pipe = self if part is self.method else self.with_method(part)
+            stores, encoded = pipe._capture(batch, **kwargs)
+            if store_path is not None:
+                stores[0].save(part_store_path(store_path, index))  # type: ignore[arg-type]
+            for outputs, prepared, store in zip(per_image, batch, stores, strict=True):
+                outputs.append(pipe._segment(prepared, store, encoded))
+        return [self._combine(prepared, outputs) for prepared, outputs in zip(batch, per_image, strict=True)]
 
     def run(
         self, image: Any, *, store_path: str | Path | None = None, size: tuple[int, int] | None = None,
@@ -385,16 +473,21 @@ class AttentionSegmentationPipeline:
     ) -> PipelineOutput:
         """Capture, then segment.
 
+        Classes beyond one prompt's token limit are spread over several prompts (one capture per prompt, the
+        method's ``combine_parts`` merges the results; ``result.meta["prompts"]`` says how many), never dropped.
+
         Args:
             image: a path, PIL image, array, tensor (see :func:`attnseg.io.images.read_image`) or
                 :class:`PreparedImage`.
-            store_path: also save the captured attention there.
+            store_path: also save the captured attention there (several prompts: ``NAME-p2.EXT``... for the others).
             size: ``(H, W)`` model input size (default: the preset's, else the adapter's resolution; with
                 ``fit="native"`` the area kept).
             fit: ``"pad"``, ``"resize"``, ``"crop"`` or ``"native"`` (default: the pipeline's).
-            prompt, timestep, add_noise: override the method's run options.
+            prompt, timestep, add_noise: override the method's run options (no prompt when the classes are spread
+                over several prompts).
             seed, generator: every random draw (posterior sample, noise); drawn on a CPU generator by default, so a
-                seed gives the same draws on every device.
+                seed gives the same draws on every device. Several prompts take a seed, not a generator (each
+                prompt's capture draws the same).
 
         Returns:
             :class:`PipelineOutput`; ``.result`` is at the original image's size.
@@ -404,25 +497,23 @@ class AttentionSegmentationPipeline:
                 before the image is encoded).
         """
         prepared = image if isinstance(image, PreparedImage) else self.prepare(image, size=size, fit=fit)
-        (store,), encoded = self._capture([prepared], **kwargs)
-        if store_path is not None:
-            store.save(store_path)
-        return self._segment(prepared, store, encoded)
+        (output,) = self._run_group([prepared], store_path=store_path, **kwargs)
+        return output
 
     def run_batch(self, images: Sequence[Any], *, size: tuple[int, int] | None = None, fit: Fit | None = None,
                   **kwargs: Any) -> list[PipelineOutput]:
         """:meth:`run` on several images with one denoiser pass per model input size (images of one size run
-        together as a batch). Each image's output equals what :meth:`run` gives it, up to floating-point
-        rounding. ``generator`` is not accepted (give ``seed``); stores are not saved (use :meth:`run`)."""
+        together as a batch; with classes spread over several prompts, one pass per size and prompt). Each image's
+        output equals what :meth:`run` gives it, up to floating-point rounding. ``generator`` is not accepted
+        (give ``seed``); stores are not saved (use :meth:`run`)."""
         prepared = [im if isinstance(im, PreparedImage) else self.prepare(im, size=size, fit=fit) for im in images]
         outputs: list[PipelineOutput | None] = [None] * len(prepared)
         groups: dict[tuple[int, int], list[int]] = {}
         for i, p in enumerate(prepared):
             groups.setdefault(p.placement.model, []).append(i)
         for indices in groups.values():
-            stores, encoded = self._capture([prepared[i] for i in indices], **kwargs)
-            for i, store in zip(indices, stores, strict=True):
-                outputs[i] = self._segment(prepared[i], store, encoded)
+            for i, output in zip(indices, self._run_group([prepared[i] for i in indices], **kwargs), strict=True):
+                outputs[i] = output
         return [o for o in outputs if o is not None]
 
     def __call__(self, image: Any, **kwargs: Any) -> SegmentationResult:

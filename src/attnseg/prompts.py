@@ -9,7 +9,7 @@ from typing import Any
 from attnseg.errors import TokenNotFoundError
 from attnseg.types import Prompt, TokenSpan
 
-__all__ = ["STOP_WORDS", "Tokenized", "content_tokens", "find_word", "tokenize"]
+__all__ = ["STOP_WORDS", "Tokenized", "content_tokens", "find_word", "tokenize", "unknown_words", "words_within"]
 
 # Skipped as "content" (GoCA's reference skips these, plus punctuation and special tokens).
 STOP_WORDS = frozenset({"a", "an", "the", "and", "of", "with", "in", "on", "at", "to", "photo", "picture", "image"})
@@ -93,6 +93,21 @@ def find_word(prompt: Prompt, word: str, *, occurrence: int = 0) -> TokenSpan:
     return TokenSpan(text=word, start=start, end=end, indices=indices)
 
 
+def words_within(prompt: Prompt, words: Any) -> list[bool]:
+    """Per word (first occurrence in ``prompt.text``): True when all of it lies within the tokens the tokenizer kept.
+
+    A word the tokenizer's length limit cut off, entirely or in part, gives False; so does a word not in the text.
+    """
+    kept = [b for i, ((_, b), s) in enumerate(zip(prompt.offsets, prompt.special, strict=True))
+            if not s and i < prompt.length]
+    last = max(kept, default=0)
+    out = []
+    for word in words:
+        spans = _word_spans(prompt.text, str(word).strip())
+        out.append(bool(spans) and spans[0][1] <= last)
+    return out
+
+
 def content_tokens(prompt: Prompt) -> list[int]:
     """Positions of content tokens: not special (start/end/padding), not a stop word, not punctuation."""
     out = []
@@ -103,4 +118,48 @@ def content_tokens(prompt: Prompt) -> list[int]:
         if piece in STOP_WORDS or _PUNCT.match(piece or ","):
             continue
         out.append(i)
+    return out
+
+
+_WORD_RUN = re.compile(r"\w+")
+
+
+def _piece_ids(tokenizer: Any, word: str) -> tuple[list[int], int | None]:
+    """Token ids of ``word`` without special tokens, and the tokenizer's unknown-token id (None: it has none)."""
+    if hasattr(tokenizer, "unk_id") and callable(tokenizer):  # attnseg's word-level toy tokenizer
+        enc = tokenizer(word)
+        return [i for i, s in zip(enc.ids, enc.special, strict=True) if not s], int(tokenizer.unk_id)
+    ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+    unk = getattr(tokenizer, "unk_token_id", None)
+    return [int(i) for i in ids], (int(unk) if unk is not None else None)
+
+
+def unknown_words(tokenizer: Any, phrases: Any) -> dict[str, tuple[str, ...]]:
+    """The phrases (class names, targets) that hold a word the tokenizer cannot represent.
+
+    A word (a run of letters and digits) is unrepresentable when every token it maps to is the tokenizer's
+    unknown token: with attnseg's word-level toy tokenizer a word outside its vocabulary; with CLIP's byte-level
+    BPE never; with T5's sentencepiece e.g. characters outside its vocabulary.
+
+    Args:
+        tokenizer: a ``transformers`` tokenizer or a :class:`~attnseg.toyworld.tokenizer.WordTokenizer`.
+        phrases: the phrases to check (strings).
+
+    Returns:
+        ``{phrase: (unknown words...)}`` for the phrases with at least one unknown word, in the given order.
+
+    Example:
+        >>> from attnseg.toyworld.tokenizer import WordTokenizer
+        >>> unknown_words(WordTokenizer(["red", "circle"], max_length=8), ["red circle", "giraffe"])
+        {'giraffe': ('giraffe',)}
+    """
+    out: dict[str, tuple[str, ...]] = {}
+    for phrase in phrases:
+        bad = []
+        for word in _WORD_RUN.findall(str(phrase)):
+            ids, unk = _piece_ids(tokenizer, word)
+            if not ids or (unk is not None and all(i == unk for i in ids)):
+                bad.append(word)
+        if bad:
+            out[str(phrase)] = tuple(bad)
     return out

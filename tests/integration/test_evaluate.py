@@ -7,6 +7,7 @@ one-line errors.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -22,8 +23,9 @@ import typer
 from PIL import Image
 from typer.testing import CliRunner
 
+from attnseg.capture.store import AttentionStore
 from attnseg.cli.evaluate import evaluate_cmd, report_cmd
-from attnseg.eval.report import build_report, compare_reports
+from attnseg.eval.report import build_report, compare_reports, read_jsonl
 from attnseg.eval.runner import EvaluationRun, detect_distributed, image_seed, method_kind
 from attnseg.methods.base import METHODS, RunOptions
 from attnseg.types import SegmentationResult
@@ -176,8 +178,12 @@ def test_diffseg_run_scores_equal_a_literal_scoring_of_its_predictions(baseline,
     records = [json.loads(x) for x in (out / "results-0.jsonl").read_text().splitlines()]
     method = DiffSeg(num_anchors=4, kl_thresholds=(0.001, 0.001), threshold_mode="absolute")
     tp, fp, fn = np.zeros(3, np.int64), np.zeros(3, np.int64), np.zeros(3, np.int64)
+    # stores are filed by capture settings: this run's folder is the one captured at the run's timestep
+    timestep = json.loads((out / "config.json").read_text())["identity"]["method"]["params"]["timestep"]
+    (folder,) = [p for p in (out / "stores").iterdir()
+                 if p.is_dir() and json.loads((p / "capture.json").read_text())["timestep"] == timestep]
     for i, rec in enumerate(records):
-        store = AttentionStore.load(out / "stores" / f"img{i}.safetensors")
+        store = AttentionStore.load(folder / f"img{i}.safetensors")
         assert list(store.meta["image_size"]) == [INPUT, INPUT]
         labels = method.segment(store).labels.numpy()
         target = centre_square(read_label(toy_data, i))
@@ -245,6 +251,126 @@ def test_resume_after_kill_gives_identical_report(baseline, toy_data, tiny_sd_di
     assert numbers(json.loads((out / "report.json").read_text())) == numbers(base_report)
 
 
+_KILLER = """
+import os, signal, sys
+
+point, at = sys.argv[1], int(sys.argv[2])
+calls = [0]
+
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+if point == "results":  # half of a result line is on disk when the process dies
+    from attnseg.eval import runner
+
+    real = runner.append_jsonl
+
+    def append(path, record):
+        calls[0] += 1
+        if calls[0] == at:
+            import json
+
+            line = json.dumps(record).encode()
+            with open(path, "ab") as f:
+                f.write(line[: len(line) // 2])
+                f.flush()
+                os.fsync(f.fileno())
+            die()
+        real(path, record)
+
+    runner.append_jsonl = append
+elif point == "store":  # half of an attention store is on disk when the process dies
+    import safetensors.torch
+
+    real = safetensors.torch.save_file
+
+    def save_file(tensors, filename, metadata=None):
+        real(tensors, filename, metadata=metadata)
+        calls[0] += 1
+        if calls[0] == at:
+            data = open(filename, "rb").read()
+            open(filename, "wb").write(data[: len(data) // 2])
+            die()
+
+    safetensors.torch.save_file = save_file
+elif point == "report":  # half of report.json is on disk when the process dies
+    from attnseg.eval import report
+
+    real = report._write_text_atomic
+
+    def write(path, text):
+        if path.name != "report.json":
+            return real(path, text)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(text[: len(text) // 2])
+        die()
+
+    report._write_text_atomic = write
+from attnseg.cli.evaluate import _standalone_app
+
+_standalone_app()(args=sys.argv[3:], prog_name="attnseg")
+"""
+
+
+@pytest.mark.parametrize(("point", "at"), [("results", 3), ("store", 2), ("report", 1)])
+def test_sigkill_at_several_points_resumes_to_the_same_report(point, at, baseline, toy_data, tiny_sd_dir, tmp_path):
+    """SIGKILL (no clean-up at all) while a result line, an attention store or the report is being written; the
+    same command then finishes the run, and its report equals the uninterrupted run's."""
+    _, base_report = baseline
+    out = tmp_path / "killed"
+    script = tmp_path / "killer.py"
+    script.write_text(_KILLER)
+    args = [str(a) for a in _base(toy_data, tiny_sd_dir, out, "--cache-stores")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(script), point, str(at), *args], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr  # killed, not finished
+    assert not (out / "report.json").exists()
+    if point == "results":
+        assert read_jsonl(out / "results-0.jsonl")[1] == 1  # a torn line, which a resume must not trust
+    res = _cli(*args)
+    assert res.exit_code == 0, res.output
+    final = json.loads((out / "report.json").read_text())
+    assert numbers(final) == numbers(base_report)
+    ids = [json.loads(x)["id"] for x in (out / "results-0.jsonl").read_text().splitlines()]
+    assert ids == [f"img{i}" for i in range(NUM_IMAGES)]  # every image once, in order
+    for store in (out / "stores").rglob("*.safetensors"):  # every cached store is whole
+        AttentionStore.load(store)
+
+
+def test_full_disk_while_appending_resumes_to_the_same_report(baseline, toy_data, tiny_sd_dir, tmp_path,
+                                                              monkeypatch):
+    """The disk fills up while the third result line is written: one line, exit code 2, no half line left; once
+    there is room again the same command finishes with the uninterrupted run's report."""
+    from attnseg.eval import report as report_module
+
+    _, base_report = baseline
+    out = tmp_path / "full"
+    real_write = os.write
+    calls = [0]
+
+    def write(fd, data):
+        if data.startswith(b'{"id"'):
+            calls[0] += 1
+            if calls[0] == 3:
+                real_write(fd, data[:10])
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(report_module.os, "write", write)
+    res = RUNNER.invoke(APP, [str(a) for a in _base(toy_data, tiny_sd_dir, out)])
+    assert res.exit_code == 2 and res.stderr.strip().startswith("error: the disk is full"), res.output
+    assert len(res.stderr.strip().splitlines()) == 1
+    text = (out / "results-0.jsonl").read_text()
+    assert text.endswith("\n") and len(text.splitlines()) == 2  # two whole lines, no half line
+    monkeypatch.undo()
+    res = _cli(*_base(toy_data, tiny_sd_dir, out))
+    assert res.exit_code == 0, res.output
+    assert numbers(json.loads((out / "report.json").read_text())) == numbers(base_report)
+
+
 def test_cached_stores_are_reused_without_the_model(baseline, toy_data, tiny_sd_dir, tmp_path, monkeypatch):
     from attnseg.models.unet import UNetAdapter
 
@@ -269,10 +395,20 @@ def test_cached_stores_are_reused_without_the_model(baseline, toy_data, tiny_sd_
     table = compare_reports([base_out, out])
     assert "param `kl_thresholds`" in table and "[0.004, 0.004]" in table
 
-    # another capture setting (the timestep) makes the cached stores stale: the model runs again
+    # another capture setting (the timestep) makes the cached stores stale: the model runs again, and its stores go
+    # to their own folder, so the first ones are not replaced
+    before = {p: p.read_bytes() for p in (base_out / "stores").rglob("*.safetensors")}
     res = _cli(*args[:-2], "-P", "timestep=200", "--out", tmp_path / "other-timestep")
     assert res.exit_code == 0, res.output
     assert len(calls) == NUM_IMAGES
+    assert {p: p.read_bytes() for p in before} == before
+    folders = sorted(p for p in (base_out / "stores").iterdir() if p.is_dir())
+    assert len(folders) == 2 and all((f / "capture.json").is_file() for f in folders)
+    default = METHODS.get("diffseg")().run_options().timestep
+    assert {json.loads((f / "capture.json").read_text())["timestep"] for f in folders} == {200, default}
+    # and the first settings still find their stores
+    res = _cli(*args[:-2], "--out", tmp_path / "again")
+    assert res.exit_code == 0 and len(calls) == NUM_IMAGES, res.output
 
 
 def test_two_processes_merge_to_the_single_process_report(baseline, toy_data, tiny_sd_dir, tmp_path, monkeypatch):
@@ -459,10 +595,10 @@ def test_semantic_method_gets_oracle_classes_and_a_background_offset(toy_data, t
 
 
 @pytest.mark.usefixtures("fake_methods")
-def test_semantic_class_sources(toy_data, tmp_path):
+def test_semantic_class_sources(toy_data, tiny_sd_dir, tmp_path):
     captions = tmp_path / "captions.json"
     captions.write_text(json.dumps({f"img{i}": ["red", "sky"] for i in range(NUM_IMAGES)}))
-    common = {"dataset": "generic", "root": toy_data, "method": "fake-semantic", "model": "unused"}
+    common = {"dataset": "generic", "root": toy_data, "method": "fake-semantic", "model": str(tiny_sd_dir)}
     label = np.array([[0, 2], [2, 255]])
     run = EvaluationRun(tmp_path / "a", class_source="vocabulary", **common)
     assert run._classes("img0", label) == ["red", "blue"]

@@ -429,7 +429,14 @@ def test_classes_cut_off_by_the_tokenizer_are_dropped(tiny_adapter, rgb_image):
     from attnseg.pipeline import AttentionSegmentationPipeline
 
     classes = [f"thing{i}" for i in range(40)]  # far more than 77 tokens once comma-joined
-    result = AttentionSegmentationPipeline(tiny_adapter, "goca", classes=classes).run(rgb_image, seed=0).result
+    pipe = AttentionSegmentationPipeline(tiny_adapter, "goca", classes=classes)
+    # the pipeline spreads them over several prompts: none is dropped
+    spread = pipe.run(rgb_image, seed=0).result
+    assert spread.meta["prompts"] > 1 and spread.meta["dropped"] == []
+    assert spread.label_names == ("background", *classes)
+    # GoCA.segment on the one prompt the tokenizer cut drops the cut classes, says so, and never predicts them
+    store, _ = pipe.capture(rgb_image, seed=0)
+    result = pipe.segment_store(store)
     dropped = result.meta["dropped"]
     assert dropped and dropped == classes[-len(dropped):]
     assert int(result.labels.max()) <= len(classes) - len(dropped)  # a dropped class is never predicted

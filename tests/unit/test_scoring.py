@@ -231,6 +231,11 @@ class Fixed:
     def __init__(self, *, classes=()) -> None:
         self.classes = tuple(classes)
 
+    def run_options(self):  # the run's configuration checks the timestep against the model's schedule
+        from attnseg.methods.base import RunOptions
+
+        return RunOptions()
+
 
 @pytest.fixture()
 def data_root(tmp_path) -> Path:
@@ -245,10 +250,10 @@ def data_root(tmp_path) -> Path:
     METHODS.unregister(Fixed.name)
 
 
-def test_prediction_of_ids_is_a_nearest_resize(data_root, tmp_path):
+def test_prediction_of_ids_is_a_nearest_resize(data_root, tmp_path, tiny_sd_dir):
     from attnseg.eval.runner import EvaluationRun
 
-    run = EvaluationRun(tmp_path / "r", dataset="generic", root=data_root, method="diffseg", model="unused")
+    run = EvaluationRun(tmp_path / "r", dataset="generic", root=data_root, method="diffseg", model=str(tiny_sd_dir))
     labels = torch.arange(20).reshape(4, 5) % 7
     pred = run._prediction(SegmentationResult(labels=labels), (6, 10))
     np.testing.assert_array_equal(pred, ml.nearest_resize_literal(labels.numpy(), (6, 10)))
@@ -256,10 +261,10 @@ def test_prediction_of_ids_is_a_nearest_resize(data_root, tmp_path):
     np.testing.assert_array_equal(same, labels.numpy())
 
 
-def test_semantic_prediction_upsamples_scores_and_shifts_the_background(data_root, tmp_path):
+def test_semantic_prediction_upsamples_scores_and_shifts_the_background(data_root, tmp_path, tiny_sd_dir):
     from attnseg.eval.runner import EvaluationRun
 
-    common = {"dataset": "generic", "root": data_root, "method": "fixed-semantic", "model": "unused",
+    common = {"dataset": "generic", "root": data_root, "method": "fixed-semantic", "model": str(tiny_sd_dir),
               "class_source": "vocabulary"}
     g = torch.Generator().manual_seed(0)
     scores = torch.rand(4, 3, 5, generator=g)  # channels: background, c, "sky" (not a dataset class), a
@@ -287,11 +292,11 @@ def test_semantic_prediction_upsamples_scores_and_shifts_the_background(data_roo
     np.testing.assert_array_equal(nothing["none"], np.zeros((6, 10), np.int64))
 
 
-def test_class_lookup_of_unnamed_ids_and_unknown_names(data_root, tmp_path):
+def test_class_lookup_of_unnamed_ids_and_unknown_names(data_root, tmp_path, tiny_sd_dir):
     from attnseg.eval.runner import EvaluationRun
 
-    run = EvaluationRun(tmp_path / "a", dataset="generic", root=data_root, method="fixed-semantic", model="unused",
-                        class_source="vocabulary")
+    run = EvaluationRun(tmp_path / "a", dataset="generic", root=data_root, method="fixed-semantic",
+                        model=str(tiny_sd_dir), class_source="vocabulary")
     # ids without names are dataset ids; those >= C are wrong (C)
     assert run._class_lut(SegmentationResult(labels=torch.tensor([[0, 5], [2, 1]]))).tolist() == [0, 1, 2, 3, 4, 4]
     # names beyond the labels' ids; ids beyond the names are wrong

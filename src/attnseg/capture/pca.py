@@ -534,7 +534,7 @@ class PCAHeadStore(AttentionStore):
     @classmethod
     def load(cls, path: str | Path, *, device: torch.device | str = "cpu") -> PCAHeadStore:
         """Read a store written by :meth:`save`."""
-        from attnseg.capture.store import read_store_file
+        from attnseg.capture.store import header_fields, read_store_file, store_dtype
 
         path = Path(path)
         header, tensors = read_store_file(path, device=device)
@@ -543,30 +543,29 @@ class PCAHeadStore(AttentionStore):
                 f"{path} holds a {header.get('format', 'attnseg.AttentionStore')}, not per-head principal "
                 "components; read it with AttentionStore.load"
             )
-        if header.get("version", 0) > _FORMAT_VERSION:
-            raise AttnSegError(f"{path} was written by a newer attnseg (format {header['version']})")
-        store = cls(
-            n_components=int(header["n_components"]),
-            reading=header["reading"],
-            step=header["step"],
-            solver=header.get("solver", "auto"),
-            seed=int(header.get("seed", 0)),
-            dtype=getattr(torch, header["dtype"]),
-            device=device,
-            meta=header.get("meta", {}),
-        )
-        store.layers = {n: LayerInfo.from_dict(d) for n, d in header["layers"].items()}
-        for name, count in header.get("features", {}).items():
-            store.features[name] = tensors[f"feature:{name}"]
-            store._feature_counts[name] = int(count)
-        for name, d in header["entries"].items():
-            store._entries[name] = _Entry(
-                kind=d["kind"], grid=(int(d["grid"][0]), int(d["grid"][1])), layers=list(d["layers"]),
-                sum=tensors[name], count=int(d["count"]),
+        with header_fields(path):
+            store = cls(
+                n_components=int(header["n_components"]),
+                reading=header["reading"],
+                step=header["step"],
+                solver=header.get("solver", "auto"),
+                seed=int(header.get("seed", 0)),
+                dtype=store_dtype(path, header["dtype"]),
+                device=device,
+                meta=header.get("meta", {}),
             )
-            store._variance[name] = tensors[f"variance:{name}"]
-            store._total[name] = tensors[f"total_variance:{name}"]
-            store._captured_call[name] = int(d.get("call", 0))
+            store.layers = {n: LayerInfo.from_dict(d) for n, d in header["layers"].items()}
+            for name, count in header.get("features", {}).items():
+                store.features[name] = tensors[f"feature:{name}"]
+                store._feature_counts[name] = int(count)
+            for name, d in header["entries"].items():
+                store._entries[name] = _Entry(
+                    kind=d["kind"], grid=(int(d["grid"][0]), int(d["grid"][1])), layers=list(d["layers"]),
+                    sum=tensors[name], count=int(d["count"]),
+                )
+                store._variance[name] = tensors[f"variance:{name}"]
+                store._total[name] = tensors[f"total_variance:{name}"]
+                store._captured_call[name] = int(d.get("call", 0))
         return store
 
     def __repr__(self) -> str:

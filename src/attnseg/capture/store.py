@@ -16,22 +16,93 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from attnseg.errors import AttnSegError, ConfigError
+from attnseg.errors import AttnSegError, ConfigError, StoreError
+from attnseg.io.atomic import atomic_path
 from attnseg.types import LayerInfo
 
 if TYPE_CHECKING:
     from attnseg.capture.memory import MemoryItem
 
-__all__ = ["AttentionStore"]
+__all__ = ["AttentionStore", "read_store_file", "read_store_header", "save_store_file"]
 
 _FORMAT = "attnseg.AttentionStore"
 _FORMAT_VERSION = 1
+
+
+def _damaged(path: Path, what: str) -> StoreError:
+    return StoreError(f"{path} is a damaged attention store ({what}); delete it and capture it again "
+                      "(segment --save-store, or evaluate --cache-stores)")
+
+
+def parse_store_header(path: Path, text: str | None) -> dict[str, Any]:
+    """The attnseg JSON header of a store file, checked: valid JSON, an object, an attnseg format, a known version."""
+    if text is None:
+        raise StoreError(f"{path} is a safetensors file but not an attnseg attention store (no attnseg header)")
+    try:
+        header = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _damaged(path, f"its header is not valid JSON: {exc.msg}") from None
+    if not isinstance(header, dict):
+        raise _damaged(path, f"its header is a JSON {type(header).__name__}, not an object")
+    fmt = header.get("format", _FORMAT)
+    if not isinstance(fmt, str) or not fmt.startswith("attnseg."):
+        raise _damaged(path, f"unknown format {fmt!r}")
+    version = header.get("version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise _damaged(path, f"version {version!r} is not a number")
+    if version > _FORMAT_VERSION:
+        raise StoreError(f"{path} was written by a newer attnseg (format {version}); upgrade attnseg to read it")
+    return header
+
+
+def store_dtype(path: Path, name: Any) -> torch.dtype:
+    """The torch dtype a header names (``"float32"``), or a :class:`StoreError`."""
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(dtype, torch.dtype):
+        raise _damaged(path, f"unknown dtype {name!r}")
+    return dtype
+
+
+@contextmanager
+def header_fields(path: Path) -> Iterator[None]:
+    """Turn a missing or malformed header field (KeyError, TypeError, ValueError...) into one :class:`StoreError`."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except KeyError as exc:
+        raise _damaged(path, f"its header lacks {exc.args[0]!r}") from None
+    except (TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise _damaged(path, f"a header field is malformed: {exc}") from None
+
+
+def read_store_header(path: str | Path) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
+    """The checked JSON header and the tensor shapes of a saved store, without reading the tensors."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise StoreError(f"attention store file not found: {path}" + (" (it is a folder)" if path.is_dir() else ""))
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            text = (f.metadata() or {}).get("attnseg")
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except Exception as exc:  # safetensors raises its own error types
+        raise StoreError(f"{path} is not a readable safetensors file ({_first_line(exc)}); give a store saved by "
+                         "attnseg (segment --save-store)") from None
+    return parse_store_header(path, text), shapes
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:160] if text else type(exc).__name__
 
 
 def read_store_file(
@@ -40,20 +111,40 @@ def read_store_file(
     """The JSON header and the tensors of a saved store (any store class), with clear errors."""
     from safetensors import safe_open
 
+    path = Path(path)
     if not path.is_file():
-        raise AttnSegError(f"attention store file not found: {path}")
+        raise StoreError(f"attention store file not found: {path}" + (" (it is a folder)" if path.is_dir() else ""))
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             header_text = (f.metadata() or {}).get("attnseg")
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
     except Exception as exc:  # safetensors raises its own error types
-        raise AttnSegError(f"{path} is not a readable safetensors file: {exc}") from None
-    if header_text is None:
-        raise AttnSegError(f"{path} is a safetensors file but not an attnseg attention store")
-    header = json.loads(header_text)
-    if header.get("version", 0) > _FORMAT_VERSION:
-        raise AttnSegError(f"{path} was written by a newer attnseg (format {header['version']})")
-    return header, tensors
+        raise StoreError(f"{path} is not a readable safetensors file ({_first_line(exc)}); give a store saved by "
+                         "attnseg (segment --save-store)") from None
+    return parse_store_header(path, header_text), tensors
+
+
+def save_store_file(path: str | Path, tensors: dict[str, torch.Tensor], header: dict[str, Any]) -> Path:
+    """Write a store atomically: a temporary file in the same folder, then a rename (a crash or a full disk leaves
+    the old file or none, never half a file). ``path`` keeps the suffix it was given; ``.safetensors`` is added
+    only when it has none."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if not path.suffix:
+        path = path.with_name(path.name + ".safetensors")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"attnseg": json.dumps(header)})
+    return path
+
+
+def _check_entry(path: Path, key: str, entry: _Entry) -> None:
+    """A loaded entry must have its tensor (subclasses store other layouts, so the shape is theirs to check)."""
+    if entry.sum is None:
+        raise _damaged(path, f"entry {key!r} has no tensor")
+    if entry.count < 0:
+        raise _damaged(path, f"entry {key!r} has a negative count")
 
 
 def _describe_key(key: str) -> str:
@@ -328,15 +419,12 @@ class AttentionStore:
 
     # -- persistence -------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        """Write ``path`` (``.safetensors``; the metadata JSON is embedded in its header)."""
-        from safetensors.torch import save_file
+        """Write ``path`` in the safetensors format (the metadata JSON is embedded in its header), atomically.
 
-        path = Path(path)
-        if path.suffix != ".safetensors":
-            path = path.with_suffix(".safetensors")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(self._tensors(), str(path), metadata={"attnseg": json.dumps(self._header())})
-        return path
+        The file name is kept as given (``x.attn`` stays ``x.attn``); ``.safetensors`` is added only to a name
+        without a suffix. Returns the path written.
+        """
+        return save_store_file(path, self._tensors(), self._header())
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         """What :meth:`save` writes as tensors (subclasses add their own)."""
@@ -366,22 +454,27 @@ class AttentionStore:
         """Read a store written by :meth:`save`."""
         path = Path(path)
         header, tensors = read_store_file(path, device=device)
-        store = cls(
-            heads=header["heads"],
-            group=header["group"],
-            dtype=getattr(torch, header["dtype"]),
-            device=device,
-            meta=header.get("meta", {}),
-        )
-        store.layers = {n: LayerInfo.from_dict(d) for n, d in header["layers"].items()}
-        for name, count in header.get("features", {}).items():
-            store.features[name] = tensors[f"feature:{name}"]
-            store._feature_counts[name] = int(count)
-        for key, d in header["entries"].items():
-            store._entries[key] = _Entry(
-                kind=d["kind"], grid=(d["grid"][0], d["grid"][1]), layers=list(d["layers"]),
-                sum=tensors.get(key), count=int(d["count"]),
+        with header_fields(path):
+            meta = header.get("meta", {})
+            if not isinstance(meta, dict):
+                raise _damaged(path, "its meta is not an object")
+            store = cls(
+                heads=header["heads"],
+                group=header["group"],
+                dtype=store_dtype(path, header["dtype"]),
+                device=device,
+                meta=meta,
             )
+            store.layers = {n: LayerInfo.from_dict(d) for n, d in header["layers"].items()}
+            for name, count in header.get("features", {}).items():
+                store.features[name] = tensors[f"feature:{name}"]
+                store._feature_counts[name] = int(count)
+            for key, d in header["entries"].items():
+                grid = (int(d["grid"][0]), int(d["grid"][1]))
+                entry = _Entry(kind=str(d["kind"]), grid=grid, layers=list(d["layers"]), sum=tensors.get(key),
+                               count=int(d["count"]))
+                _check_entry(path, key, entry)
+                store._entries[key] = entry
         return store
 
     def __repr__(self) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from attnseg.cli.common import handle_errors, method_parameters
+from attnseg.cli.common import OneLineErrorGroup, add_debug_option, handle_errors, method_parameters
 
 app = typer.Typer(
     name="attnseg",
@@ -23,12 +23,18 @@ app = typer.Typer(
         "  attnseg segment photos/ --model ./sd15 --batch-size 4 --out out/   (streams; re-runs continue)\n\n"
         "  attnseg demo --out out/demo        (offline, bundled model)\n\n"
         "  attnseg serve                       (web page on http://127.0.0.1:7860, bundled model)\n\n"
-        "  attnseg list                        (models, methods and their parameters)"
+        "  attnseg list                        (models, methods and their parameters)\n\n"
+        "Bad input gets one line on stderr and exit code 2; an unexpected error (a bug) exit code 1 and a hint "
+        "to re-run with --debug, which shows the traceback; segment exits with 3 when some images of a folder "
+        "failed (the rest are written)."
     ),
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=OneLineErrorGroup,
 )
+
+add_debug_option(app)
 
 
 @app.command("list")
@@ -71,6 +77,7 @@ def demo(
 def _mount_commands() -> None:
     from attnseg.cli.evaluate import evaluate_cmd, report_cmd
     from attnseg.cli.generate import generate_cmd
+    from attnseg.cli.inspect_store import inspect_cmd
     from attnseg.cli.segment import segment_cmd
     from attnseg.cli.serve import serve_cmd
 
@@ -79,6 +86,7 @@ def _mount_commands() -> None:
     app.command("generate")(generate_cmd)
     app.command("evaluate")(evaluate_cmd)
     app.command("report")(report_cmd)
+    app.command("inspect")(inspect_cmd)
 
 
 _mount_commands()

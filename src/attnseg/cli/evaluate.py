@@ -17,7 +17,7 @@ from pathlib import Path
 
 import typer
 
-from attnseg.cli.common import handle_errors, parse_params, quiet_libraries
+from attnseg.cli.common import OneLineErrorGroup, add_debug_option, handle_errors, parse_params, quiet_libraries, warn
 
 __all__ = ["evaluate_cmd", "report_cmd"]
 
@@ -70,6 +70,9 @@ def evaluate_cmd(
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
     device: str = typer.Option("cpu", "--device", help="torch device: cpu, cuda, cuda:1 or auto."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+    allow_unknown: bool = typer.Option(
+        False, "--allow-unknown", help="Skip class names the model's vocabulary cannot represent (never predicted)."
+    ),
 ) -> None:
     """Evaluate a method on a dataset; resumable (re-run the same command), shardable with `accelerate launch`.
 
@@ -84,7 +87,8 @@ def evaluate_cmd(
       --method goca --model stable-diffusion-v1-5/stable-diffusion-v1-5 --device cuda --out runs/voc
 
     With several processes each one evaluates every N-th image into RUNDIR/results-<rank>.jsonl (with --device
-    cuda, process k uses cuda:<LOCAL_RANK>); the process that finishes last writes the merged report.
+    cuda, process k uses cuda:<LOCAL_RANK>); the process that finishes last writes the merged report. A second
+    process on the same folder and shard stops with one line while the first one is writing it.
     """
     from rich.console import Console
     from rich.progress import (
@@ -96,18 +100,29 @@ def evaluate_cmd(
         TimeRemainingColumn,
     )
 
-    quiet_libraries()
     with handle_errors():
-        from attnseg.eval.runner import EvaluationRun
+        from attnseg.cli.validate import check_finite, check_out_dir
+        from attnseg.eval.runner import EvaluationRun, resolve_evaluation
 
-        run = EvaluationRun(
-            out, dataset=dataset, root=root, protocol=protocol, method=method, params=parse_params(param),
+        check_finite(background_offset, "--background-offset")
+        check_out_dir(out)
+        if store_dir is not None:
+            check_out_dir(store_dir, "--store-dir")
+        # every option, the dataset's layout, the model's configuration and the words: checked before anything is
+        # written or loaded
+        config = resolve_evaluation(
+            dataset=dataset, root=root, protocol=protocol, method=method, params=parse_params(param),
             model=model, split=split, dataset_options=parse_params(dataset_option), limit=limit, seed=seed,
             class_source=class_source, captions=captions, matching=matching, background_offset=background_offset,
             size=size, crop=crop, score_at=score_at, dtype=dtype, device=device, cache_stores=cache_stores,
-            store_dir=store_dir, overwrite=overwrite,
+            store_dir=store_dir, allow_unknown=allow_unknown,
         )
+        if config.skipped_words and not as_json:
+            warn(f"skipping class name(s) {', '.join(map(repr, config.skipped_words))}: the model's vocabulary "
+                 "cannot represent them (never predicted)")
+        run = EvaluationRun(out, config, overwrite=overwrite)
         run.prepare()
+        quiet_libraries()
         console = Console(stderr=True)
         shard = f" (process {run.rank + 1} of {run.world_size})" if run.world_size > 1 else ""
         progress = Progress(
@@ -180,7 +195,9 @@ def report_cmd(
 
 
 def _standalone_app() -> typer.Typer:
-    app = typer.Typer(name="attnseg", add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True)
+    app = typer.Typer(name="attnseg", add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                      cls=OneLineErrorGroup)
+    add_debug_option(app)
     app.command("evaluate")(evaluate_cmd)
     app.command("report")(report_cmd)
     return app

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import typer
 
-from attnseg.cli.common import describe_model, handle_errors, quiet_libraries, require_model
+from attnseg.cli.common import handle_errors, model_banner, quiet_libraries, require_model
+from attnseg.errors import ConfigError
 
 __all__ = ["generate_cmd"]
 
@@ -33,20 +34,47 @@ def generate_cmd(
     pca_rgb: bool = typer.Option(False, "--pca-rgb", help="clustering: write the per-head PCA RGB grid."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
-    """Generate an image from a prompt and segment it from the attention captured while generating it."""
-    quiet_libraries()
+    """Generate an image from a prompt and segment it from the attention captured while generating it.
+
+    Every option is checked before the model loads and before --out is created.
+    """
     with handle_errors():
-        from attnseg.cli.segment import method_kwargs, write_clustering
-        from attnseg.generation import generate
-        from attnseg.methods.base import create_method
-        from attnseg.models.loading import load_model
+        from attnseg.cli.segment import method_kwargs
+        from attnseg.cli.validate import (
+            check_device,
+            check_dtype,
+            check_finite,
+            check_int,
+            check_out_dir,
+            make_method,
+            parse_int_list,
+        )
+        from attnseg.models.spec import describe_model
 
         model = require_model(model)
-        ks = tuple(int(v) for v in k.split(",") if v.strip()) if k else None
-        seg = create_method(method, **method_kwargs(method, param, ks=ks))
+        ks = parse_int_list(k, "--k", minimum=1)
+        check_int(steps, "--steps", minimum=1, hint="e.g. --steps 50")
+        check_finite(guidance, "--guidance", minimum=0.0, hint="1 = no guidance, e.g. --guidance 7.5")
+        check_int(size, "--size", minimum=1, hint="e.g. --size 512 (the model's default when unset)")
+        check_dtype(dtype)
+        check_out_dir(out)
+        spec = describe_model(model)
+        if size is not None:
+            spec.check_size(size)
+        if steps is not None and steps > spec.num_train_timesteps:
+            raise ConfigError(f"--steps {steps} exceeds the model's training schedule of {spec.num_train_timesteps} "
+                              f"steps; use --steps {spec.num_train_timesteps} or fewer")
+        seg = make_method(method, method_kwargs(method, param, ks=ks), flags={"ks": "--k"})
+        device = check_device(device)
+
+        quiet_libraries()
+        from attnseg.cli.segment import write_clustering
+        from attnseg.generation import generate
+        from attnseg.models.loading import load_model
+
         adapter = load_model(model, dtype=dtype, device=device)
         if not as_json:
-            typer.echo(describe_model(adapter, model), err=True)
+            typer.echo(model_banner(adapter, model), err=True)
         defaults = getattr(adapter, "recommended", {}).get("generate", {})
         steps = steps if steps is not None else defaults.get("num_inference_steps", 50)
         guidance = guidance if guidance is not None else defaults.get("guidance_scale", 7.5)

@@ -5,27 +5,29 @@ from __future__ import annotations
 import inspect
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from attnseg.cli.common import describe_model, fail, handle_errors, parse_params, quiet_libraries, require_model
+from attnseg.cli.common import handle_errors, model_banner, parse_params, quiet_libraries, require_model, warn
 from attnseg.errors import ConfigError, ImageError
-from attnseg.io.images import MAX_PIXELS
+from attnseg.io import MAX_PIXELS
 
 if TYPE_CHECKING:
     from attnseg.io.geometry import Fit, Placement
 
 __all__ = [
     "EXIT_SOME_FAILED",
+    "CheckedRun",
     "SegmentJob",
     "StreamSummary",
     "method_kwargs",
+    "output_stems",
     "plan_outputs",
+    "prepare_run",
     "segment_cmd",
     "stream_segment",
     "write_clustering",
@@ -61,6 +63,77 @@ FIT_HELP = (
 EXIT_CODES_HELP = "Exit status: 0 all written, 2 bad input (nothing done), 3 some images failed (the rest written)."
 #: exit status when some images of a run failed and were skipped (the others were written)
 EXIT_SOME_FAILED = 3
+
+
+@dataclass(frozen=True)
+class CheckedRun:
+    """What :func:`prepare_run` checked: the images with their output stems (:func:`output_stems`), the method, the
+    model's description, the fit and, for a run of one image, that image as decoded (keyed by its path) and the
+    longer side it was reduced to while decoding (see :func:`attnseg.pipeline.decode_side`)."""
+
+    items: list[tuple[Path, str]]
+    method: Any
+    spec: Any
+    fit: str = "pad"
+    decoded: dict[Path, Any] = field(default_factory=dict)
+    decoded_side: int | None = None
+
+    @property
+    def paths(self) -> list[Path]:
+        return [path for path, _ in self.items]
+
+
+def prepare_run(
+    images: list[Path], out: Path, model: str, method: str, params: list[str] | None, *, size: int | None,
+    timestep: int | None, allow_unknown: bool, named: dict[str, Any], fit: str = "pad",
+    max_pixels: int = MAX_PIXELS, overwrite: bool = False,
+) -> CheckedRun:
+    """Every check of ``segment`` that needs no model: files, the fit, the output folder, the model's description,
+    the method's hyper-parameters, timestep and size against the model, words against its tokenizer, and a single
+    image (decoded here, so that its problems are bad input, exit 2). The images of a longer run are read one at a
+    time later: one that cannot be read is skipped then (exit 3)."""
+    from attnseg.cli.validate import check_images, check_method_words, check_out_dir, make_method, precheck_words
+    from attnseg.models.spec import describe_model
+
+    paths = check_images(images)  # first: a missing file answers before numpy, PIL or torch is imported
+    from attnseg.io.geometry import check_fit
+
+    try:
+        fit = check_fit(fit)
+    except ConfigError:
+        raise ConfigError(f"--fit {fit!r} is not a fit; use pad, resize, crop or native") from None
+    check_out_dir(out)
+    spec = describe_model(model)
+    if size is not None:
+        spec.check_size(size)
+    if not allow_unknown:  # explicit words first: no torch import for a typo in --classes
+        precheck_words({**parse_params(params), **{k: v for k, v in named.items() if v is not None}}, spec.tokenizer)
+    kwargs = method_kwargs(method, params, **named)
+    seg = make_method(method, kwargs)
+    if timestep is not None:
+        spec.check_timestep(timestep)
+    else:
+        spec.check_timestep(seg.run_options().timestep, flag=f"{method}'s timestep (-P timestep=...)")
+    seg = check_method_words(seg, method, kwargs, spec.tokenizer, allow_unknown=allow_unknown, warn=warn)
+    if fit == "native" and getattr(seg, "square_grids", False):
+        raise ConfigError(f"--fit native gives inputs of the image's shape, but {method} needs square attention "
+                          "grids: use --fit pad (or resize, crop)")
+    items = output_stems(paths)
+    decoded: dict[Path, Any] = {}
+    side = None
+    if len(items) == 1 and (overwrite or not (Path(out) / f"{items[0][1]}.json").is_file()):
+        from attnseg.io.images import read_image
+        from attnseg.pipeline import decode_side
+
+        path = items[0][0]
+        side = decode_side((size, size) if size is not None else spec.resolution)
+        image = read_image(path, max_side=side, max_pixels=max_pixels)  # before the model loads
+        smallest = spec.latent_scale * 2
+        h, w = image.size
+        if min(h, w) < smallest:
+            raise ImageError(f"{path} is {w}x{h} px; this model needs at least {smallest} px a side")
+        decoded[path] = image
+    return CheckedRun(items=items, method=seg, spec=spec, fit=fit, decoded=decoded, decoded_side=side)
 
 
 def segment_cmd(
@@ -104,59 +177,70 @@ def segment_cmd(
     pca_rgb: bool = typer.Option(False, "--pca-rgb", help="clustering: write the per-head PCA RGB grid."),
     save_store: bool = typer.Option(False, "--save-store", help="Also save the captured attention (safetensors)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary of all images on stdout."),
+    allow_unknown: bool = typer.Option(
+        False, "--allow-unknown", help="Skip class names the model's vocabulary cannot represent (with a warning)."
+    ),
 ) -> None:
     """Segment images and write label PNGs, colour overlays and per-segment JSON at each image's own size.
 
-    Folders stream: one image (or --batch-size images) in memory at a time; an unreadable image is reported
-    and skipped; finished images are kept unless --overwrite. Exit status: 0 all written, 2 bad input
-    (nothing done), 3 some images failed (the rest written).
+    Every option, file and word is checked before the model loads and before --out is created. Folders stream:
+    one image (or --batch-size images) in memory at a time; an unreadable image is reported and skipped;
+    finished images are kept unless --overwrite. Exit status: 0 all written, 2 bad input (nothing done), 3 some
+    images failed (the rest written).
     """
-    quiet_libraries()
     with handle_errors():
-        from attnseg.io.geometry import check_fit
-        from attnseg.methods.base import create_method
+        import math
+
+        from attnseg.cli.validate import check_device, check_dtype, check_int, parse_int_list
+
+        model = require_model(model)
+        ks = parse_int_list(k, "--k", minimum=1)
+        check_int(size, "--size", minimum=1, hint="e.g. --size 512 (the model's default when unset)")
+        check_int(timestep, "--timestep", minimum=0)
+        check_int(batch_size, "--batch-size", minimum=1, hint="e.g. --batch-size 4")
+        if not (math.isfinite(max_megapixels) and max_megapixels > 0):
+            raise ConfigError(f"--max-megapixels must be a positive number, got {max_megapixels}")
+        check_dtype(dtype)
+        # a prompt given to a method that owns its prompt (target, goca) goes to the method
+        owns_prompt = method in ("target", "goca")
+        max_pixels = int(max_megapixels * 1e6)
+        checked = prepare_run(
+            images, out, model, method, param, size=size, timestep=timestep, allow_unknown=allow_unknown,
+            named={"target": target, "classes": classes, "ks": ks, "variant": variant,
+                   "prompt": prompt if owns_prompt else None},
+            fit=fit, max_pixels=max_pixels, overwrite=overwrite,
+        )
+        items, seg, fit_choice = checked.items, checked.method, checked.fit
+        job = SegmentJob(
+            out=out, fit=fit_choice, size=(size, size) if size else None, seed=seed,  # type: ignore[arg-type]
+            prompt=None if owns_prompt else prompt, timestep=timestep, noise=noise, img2img=img2img,
+            batch_size=batch_size, overwrite=overwrite, max_pixels=max_pixels, heatmaps=heatmaps,
+            pca_rgb=pca_rgb, save_store=save_store,
+        )
+        device = check_device(device)
+
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        quiet_libraries()
         from attnseg.models.loading import load_model
         from attnseg.pipeline import AttentionSegmentationPipeline
 
-        model = require_model(model)
-        fit_choice = check_fit(fit)
-        if batch_size < 1:
-            fail(f"--batch-size must be at least 1, got {batch_size}")
-        if max_megapixels <= 0:
-            fail(f"--max-megapixels must be positive, got {max_megapixels}")
-        items = plan_outputs(images, out)
-        ks = tuple(int(v) for v in k.split(",") if v.strip()) if k else None
-        # a prompt given to a method that owns its prompt (target, goca) goes to the method
-        owns_prompt = method in ("target", "goca")
-        kwargs = method_kwargs(
-            method, param, target=target, classes=classes, ks=ks, variant=variant,
-            prompt=prompt if owns_prompt else None,
-        )
-        seg = create_method(method, **kwargs)
-        if fit_choice == "native" and getattr(seg, "square_grids", False):
-            fail(f"--fit native gives inputs of the image's shape, but {method} needs square attention grids: "
-                 "use --fit pad (or resize, crop)")
-        job = SegmentJob(
-            out=out, fit=fit_choice, size=(size, size) if size else None, seed=seed,
-            prompt=None if owns_prompt else prompt, timestep=timestep, noise=noise, img2img=img2img,
-            batch_size=batch_size, overwrite=overwrite, max_pixels=int(max_megapixels * 1e6), heatmaps=heatmaps,
-            pca_rgb=pca_rgb, save_store=save_store,
-        )
-        if len(items) == 1:  # one image: its problems are bad input (exit 2), found before the model loads
-            from attnseg.io.images import probe_image
-
-            probe_image(items[0][0], max_pixels=job.max_pixels)
         adapter = load_model(model, dtype=dtype, device=device)
         if not as_json:
-            typer.echo(describe_model(adapter, model), err=True)
+            typer.echo(model_banner(adapter, model), err=True)
         pipe = AttentionSegmentationPipeline(adapter, seg, fit=fit_choice)
+        from attnseg.pipeline import decode_side
+
+        # the image checked before loading is reused when the model's input size (a preset's may differ from the
+        # configuration's) asks for the same decoding; else the stream reads it again
+        decoded = checked.decoded if checked.decoded_side == decode_side(pipe.input_size(job.size)) else {}
         out.mkdir(parents=True, exist_ok=True)
         with Progress(
             TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
             TimeRemainingColumn(), transient=True, disable=as_json,
         ) as progress:
             task = progress.add_task("segmenting", total=len(items))
-            summary = stream_segment(pipe, items, job, strict=len(items) == 1,
+            summary = stream_segment(pipe, items, job, strict=len(items) == 1, decoded=decoded,
                                      on_image=lambda _entry: progress.advance(task))
         report = {"model": model, "method": method, "fit": fit_choice, **summary.to_dict()}
         if as_json:
@@ -168,11 +252,16 @@ def segment_cmd(
 
 
 def plan_outputs(images: list[Path], out: Path) -> list[tuple[Path, str]]:
-    """``(image path, output stem)`` for every image of the arguments (folders expanded, sorted); stems that
-    repeat (same name in two folders) get ``-1``, ``-2``... in argument order, so re-runs find their outputs."""
+    """``(image path, output stem)`` for every image of the arguments (folders expanded, sorted; see
+    :func:`output_stems`)."""
     from attnseg.io.images import expand_image_paths
 
-    paths = expand_image_paths(images)
+    return output_stems(expand_image_paths(images))
+
+
+def output_stems(paths: list[Path]) -> list[tuple[Path, str]]:
+    """``(image path, output stem)`` for image paths; stems that repeat (same name in two folders) get ``-1``,
+    ``-2``... in argument order, so re-runs find their outputs."""
     stems: dict[str, int] = {}
     items = []
     for path in paths:
@@ -237,17 +326,19 @@ class StreamSummary:
 
 def stream_segment(
     pipe: Any, items: list[tuple[Path, str]], job: SegmentJob, *, strict: bool = False,
-    on_image: Callable[[dict[str, Any]], None] | None = None,
+    on_image: Callable[[dict[str, Any]], None] | None = None, decoded: Mapping[Path, Any] | None = None,
 ) -> StreamSummary:
     """Segment images one at a time (or ``job.batch_size`` at a time), writing each as it finishes.
 
     Only the images of the current batch are in memory, so peak memory does not grow with the number of
     images. An image whose ``<stem>.json`` exists is kept unless ``job.overwrite`` (the JSON is written last, so
     it marks a finished image). An image that cannot be read or segmented is recorded in ``failed`` and
-    skipped; with ``strict`` its error is raised instead (a run of one image).
+    skipped; with ``strict`` its error is raised instead (a run of one image). ``decoded`` holds images already
+    read (:class:`~attnseg.io.images.DecodedImage` by path, e.g. the one image :func:`prepare_run` checked).
     """
     from attnseg.errors import AttnSegError
 
+    decoded = decoded or {}
     summary = StreamSummary()
     todo = []
     for path, stem in items:
@@ -262,7 +353,7 @@ def stream_segment(
         ready = []
         for path, stem in todo[first : first + step]:
             try:
-                prepared = pipe.prepare(path, size=job.size, fit=job.fit, max_pixels=job.max_pixels)
+                prepared = pipe.prepare(decoded.get(path, path), size=job.size, fit=job.fit, max_pixels=job.max_pixels)
                 h, w = prepared.decoded.size
                 if min(h, w) < smallest:
                     raise ImageError(f"{path} is {w}x{h} px; this model needs at least {smallest} px a side")
@@ -321,7 +412,7 @@ def _img2img(pipe: Any, prepared: Any, *, prompt: str | None, seed: int, fit: Fi
     encoded = pipe.adapter.encode_prompt(cap.store.meta.get("prompt", "") or "")
     result = pipe.method.segment(cap.store, prompt=encoded, out_size=cap.placement.model)
     return PipelineOutput(model_result=result, image=cap.image, store=cap.store, placement=cap.placement,
-                          source=cap.source)
+                          source=cap.source, stores=(cap.store,))
 
 
 def write_clustering(
@@ -333,7 +424,7 @@ def write_clustering(
     import torch
     from PIL import Image
 
-    from attnseg.io.export import label_png_array, overlay
+    from attnseg.io.export import label_image, overlay
 
     def back(labels: Any) -> Any:
         if placement is not None and tuple(labels.shape[-2:]) == placement.model:
@@ -343,7 +434,7 @@ def write_clustering(
     written: dict[str, Path] = {}
     for kk, labels in clustering.label_maps.items():
         arr = back(labels)
-        Image.fromarray(label_png_array(arr)).save(out / f"{stem}.k{kk}.labels.png")
+        label_image(arr).save(out / f"{stem}.k{kk}.labels.png")  # 16-bit when ids exceed 255
         written[f"overlay:k{kk}"] = out / f"{stem}.k{kk}.overlay.png"
         overlay(image, arr).save(written[f"overlay:k{kk}"])
         del arr
@@ -393,8 +484,14 @@ def write_output(
     if cluster is not None:  # principal-component clustering: every k, the merged masks, the PCA picture
         written.update(write_clustering(cluster(output.store, out_size=result.size), image, out, stem,
                                         pca_rgb=pca_rgb, placement=placement))
-    if save_store:
-        written["store"] = output.store.save(out / f"{stem}.attention.safetensors")
+    if save_store:  # classes spread over several prompts: NAME.attention-p2.safetensors... for the others
+        from attnseg.pipeline import part_store_path
+
+        stores = getattr(output, "stores", ()) or (output.store,)
+        for i, store in enumerate(stores):
+            written["store" if i == 0 else f"store:p{i + 1}"] = store.save(
+                part_store_path(out / f"{stem}.attention.safetensors", i)
+            )
     return {**save_result(result, out, image=image, stem=stem, placement=placement), **written}
 
 

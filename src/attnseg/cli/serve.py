@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from attnseg.cli.common import describe_model, fail, handle_errors, quiet_libraries
+from attnseg.cli.common import fail, handle_errors, model_banner, quiet_libraries
 
 __all__ = ["serve_cmd"]
 
@@ -35,6 +35,6 @@ def serve_cmd(
         from attnseg.web.app import launch
 
         adapter = load_model(model, dtype=dtype, device=device)
-        typer.echo(describe_model(adapter, model))
+        typer.echo(model_banner(adapter, model))
         typer.echo(f"serving on http://{host}:{port} (Ctrl+C to stop)")
         launch(adapter, model, host=host, port=port)

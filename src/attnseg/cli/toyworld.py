@@ -53,9 +53,16 @@ def train(
     if arch not in builders:
         raise typer.BadParameter(f"must be one of {', '.join(builders)}", param_hint="--arch")
 
+    if threads is not None and threads < 1:
+        raise typer.BadParameter("must be >= 1", param_hint="--threads")
+    limits = (("--steps", steps, 1), ("--batch-size", batch_size, 1), ("--image-size", image_size, 8),
+              ("--checkpoint-every", checkpoint_every, 1))
+    for flag, value, minimum in limits:
+        if value < minimum:
+            raise typer.BadParameter(f"must be >= {minimum}, got {value}", param_hint=flag)
+    if not (lr > 0 and lr < float("inf")):
+        raise typer.BadParameter(f"must be a finite number > 0, got {lr}", param_hint="--lr")
     if threads is not None:
-        if threads < 1:
-            raise typer.BadParameter("must be >= 1", param_hint="--threads")
         torch.set_num_threads(threads)
     columns = (
         TextColumn("[bold]training"),
@@ -87,8 +94,9 @@ def train(
                 config=builders[arch](image_size=image_size),
             )
         except AttnSegError as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(1) from e
+            from attnseg.cli.common import fail
+
+            fail(str(e))
     if json_out:
         typer.echo(json.dumps(result.meta, indent=1))
     else:
@@ -98,6 +106,10 @@ def train(
         )
 
 
+# what `toyworld generate` writes (and what --overwrite removes first, nothing else)
+_DATASET_ENTRIES = ("images", "labels", "instances", "captions.json", "classes.txt", "world.json")
+
+
 @app.command()
 def generate(
     out: Annotated[Path, typer.Option("--out", help="dataset folder to write")],
@@ -105,19 +117,49 @@ def generate(
     n: Annotated[int, typer.Option(help="number of scenes")] = 200,
     seed: Annotated[int, typer.Option(help="index of the first scene within the split")] = 0,
     image_size: Annotated[int, typer.Option(help="scene side in pixels")] = 32,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="replace the dataset already in --out (its images/, labels/, instances/ and index files)"
+    )] = False,
     json_out: Annotated[bool, typer.Option("--json", help="print a JSON summary")] = False,
 ) -> None:
-    """Write a toy-world dataset: images/, labels/, instances/, captions.json, classes.txt."""
-    from attnseg.toyworld.world import SPLITS, WorldConfig, write_dataset
+    """Write a toy-world dataset: images/, labels/, instances/, captions.json, classes.txt.
 
-    if split not in SPLITS:
-        raise typer.BadParameter(f"must be one of {', '.join(SPLITS)}", param_hint="--split")
-    try:
-        world = WorldConfig(image_size=image_size)
-        root = write_dataset(out, split, n, seed, config=world)
-    except ValueError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from e
+    A folder that is not empty is refused unless --overwrite is given: scenes of an earlier, larger dataset would
+    otherwise stay behind, undescribed by the new captions.
+    """
+    from attnseg.cli.common import handle_errors
+
+    with handle_errors():
+        import shutil
+
+        from attnseg.cli.validate import check_int, check_out_dir
+        from attnseg.errors import ConfigError
+        from attnseg.toyworld.world import SPLITS, WorldConfig, write_dataset
+
+        if split not in SPLITS:
+            raise ConfigError(f"--split {split!r} is not a split; use one of {', '.join(SPLITS)}")
+        check_int(n, "--n", minimum=1, hint="the number of scenes, e.g. --n 200")
+        check_int(seed, "--seed", minimum=0)
+        check_int(image_size, "--image-size", minimum=8, hint="e.g. --image-size 32")
+        check_out_dir(out)
+        try:
+            world = WorldConfig(image_size=image_size)
+        except ValueError as e:
+            raise ConfigError(f"--image-size {image_size}: {e}") from None
+        if out.is_dir() and any(out.iterdir()):
+            if not overwrite:
+                raise ConfigError(f"--out {out} is not empty; pass --overwrite to replace the dataset there, or give "
+                                  "a new folder")
+            for name in _DATASET_ENTRIES:
+                entry = out / name
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                elif entry.exists() or entry.is_symlink():
+                    entry.unlink()
+        try:
+            root = write_dataset(out, split, n, seed, config=world)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if json_out:
         typer.echo(json.dumps({"root": str(root), "split": split, "n": n, "seed": seed, "image_size": image_size}))
     else:

@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -40,6 +41,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from attnseg.errors import AttnSegError, ConfigError
+from attnseg.io.atomic import write_text_atomic as _write_text_atomic  # patched by fault-injection tests
 
 __all__ = [
     "CONFIG_NAME",
@@ -51,6 +53,7 @@ __all__ = [
     "ResultSet",
     "Scorer",
     "SemanticScorer",
+    "append_jsonl",
     "build_report",
     "compare_reports",
     "format_value",
@@ -121,22 +124,29 @@ def _hist(pred: NDArray[np.int64], target: NDArray[np.int64], num_classes: int, 
 
 
 def write_json_atomic(path: str | Path, data: Any) -> Path:
-    """Write JSON to ``path`` through a temporary file and ``os.replace`` (readers never see half a file)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, allow_nan=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    """Write JSON to ``path`` through a temporary file and ``os.replace`` (:mod:`attnseg.io.atomic`): readers never
+    see half a file, and a failed write (a full disk, a kill) leaves the old file or none, never a truncated one."""
+    return _write_text_atomic(Path(path), json.dumps(data, indent=2, allow_nan=False) + "\n")
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def append_jsonl(path: str | Path, record: Mapping[str, Any]) -> None:
+    """Append one record as one line to a results file, durably (fsync) and whole: when the write fails part way
+    (a full disk), the file is cut back to its previous length, so no half line is left for a resume to read."""
+    line = (json.dumps(record, allow_nan=False) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            written = 0
+            while written < len(line):
+                written += os.write(fd, line[written:])
+            os.fsync(fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------
@@ -552,6 +562,20 @@ def make_scorer(scoring: Mapping[str, Any]) -> Scorer:
 # reading run folders
 
 
+def _record_problem(rec: Any) -> str | None:
+    """Why a parsed line is not a usable result record (None when it is)."""
+    if not isinstance(rec, dict):
+        return f"a JSON {type(rec).__name__}, not an object"
+    if not isinstance(rec.get("id"), str):
+        return "no string 'id'"
+    if isinstance(rec.get("index"), bool) or not isinstance(rec.get("index"), int):
+        return "no integer 'index'"
+    for key in ("metrics", "counts"):
+        if not isinstance(rec.get(key), dict):
+            return f"no {key!r} object"
+    return None
+
+
 def read_jsonl(path: str | Path, *, repair: bool = False) -> tuple[list[dict[str, Any]], int]:
     """Read a results file: ``(records, torn)``.
 
@@ -578,8 +602,10 @@ def read_jsonl(path: str | Path, *, repair: bool = False) -> tuple[list[dict[str
             rec = json.loads(line)
         except json.JSONDecodeError as exc:
             raise AttnSegError(f"{path}: line {number} is not valid JSON ({exc.msg}); remove that line") from None
-        if not isinstance(rec, dict) or "id" not in rec:
-            raise AttnSegError(f"{path}: line {number} is not a result record")
+        problem = _record_problem(rec)
+        if problem:
+            raise AttnSegError(f"{path}: line {number} is not a result record ({problem}); remove that line and "
+                               "re-run the same command (the image is evaluated again)")
         records.append(rec)
     return records, torn
 

@@ -2,10 +2,14 @@
 
 A run lives in one folder (``--out RUNDIR``)::
 
-    RUNDIR/config.json               what defines the run (written once; a restart must match it)
-    RUNDIR/results-<rank>.jsonl      one line per finished image, appended and fsync'ed at once
-    RUNDIR/stores/<id>.safetensors   optional cache of the captured attention (``cache_stores``)
+    RUNDIR/config.json               what defines the run (:class:`EvaluationConfig`; written once, a restart
+                                     must match it field by field)
+    RUNDIR/results-<rank>.jsonl      one line per finished image, appended whole and fsync'ed at once
+    RUNDIR/stores/<key>/<id>.safetensors
+                                     optional cache of the captured attention (``cache_stores``), one folder
+                                     per set of capture settings (:func:`store_key`; ``<key>/capture.json``)
     RUNDIR/report.json, report.md    written when every image is done (or by ``attnseg report``)
+    RUNDIR/.lock-<rank>              held while a process writes that shard (:class:`~attnseg.eval.lock.RunLock`)
 
 Per image (METHODS.md "Evaluation" of §2-5):
 
@@ -20,25 +24,31 @@ Per image (METHODS.md "Evaluation" of §2-5):
 4. score it and append ``{id, index, metrics, counts, timings}`` to ``results-<rank>.jsonl``.
 
 A killed run resumes with the same command: finished ids are read from every results file (a torn
-last line is dropped) and skipped. Every random draw of an image is seeded by
-:func:`image_seed` (run seed + image id), so results do not depend on the order, on restarts or on the
-number of processes. Under ``accelerate launch`` / ``torchrun`` each process evaluates
+last line is dropped) and skipped. Every file is written atomically (a temporary file and a rename, or a
+whole line appended and cut back if the write fails), so a crash or a full disk never leaves a half file
+that a resume would trust. Two processes never write one shard at once: the second one stops with
+:class:`~attnseg.errors.RunLockedError`; the lock of a killed process is released by the system. Before any
+image is evaluated, every pending image's label is checked to have its image's size. Every random draw of
+an image is seeded by :func:`image_seed` (run seed + image id), so results do not depend on the order, on
+restarts or on the number of processes. Under ``accelerate launch`` / ``torchrun`` each process evaluates
 ``dataset.shard(rank, world)``; the report merges the integer counts of all files, which gives exactly
 the numbers of a single process.
 
 Example:
-    >>> run = EvaluationRun("runs/ds", dataset="generic", root="data/toy", method="diffseg",
-    ...                     params={"num_anchors": 4}, model="toyworld", limit=8)  # doctest: +SKIP
-    >>> summary = run.run()  # doctest: +SKIP
+    >>> config = resolve_evaluation(dataset="generic", root="data/toy", method="diffseg",
+    ...                             params={"num_anchors": 4}, model="toyworld", limit=8)  # doctest: +SKIP
+    >>> summary = EvaluationRun("runs/ds", config).run()  # doctest: +SKIP
     >>> summary.report["metrics"]["miou"]  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import inspect
 import json
+import math
 import os
 import shutil
 import sys
@@ -46,17 +56,19 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 import numpy as np
 from numpy.typing import NDArray
 
-from attnseg.errors import AttnSegError, ConfigError, DatasetError
+from attnseg.errors import AttnSegError, ConfigError, DatasetError, RunLockedError
+from attnseg.eval.lock import RunLock
 from attnseg.eval.report import (
     CONFIG_NAME,
     RESULTS_GLOB,
     RUN_FORMAT,
     Scorer,
+    append_jsonl,
     build_report,
     make_scorer,
     offset_key,
@@ -79,6 +91,7 @@ if TYPE_CHECKING:
 __all__ = [
     "METHOD_KINDS",
     "EvalSummary",
+    "EvaluationConfig",
     "EvaluationRun",
     "Geometry",
     "detect_distributed",
@@ -86,6 +99,8 @@ __all__ = [
     "geometry_for",
     "image_seed",
     "method_kind",
+    "resolve_evaluation",
+    "store_key",
 ]
 
 MethodKind = Literal["class-agnostic", "semantic", "binary"]
@@ -339,77 +354,549 @@ class EvalSummary:
         return self.report is not None and bool(self.report.get("complete"))
 
 
-class EvaluationRun:
-    """One evaluation: a dataset (or a protocol that fixes it), a method, a model and a run folder.
+# --------------------------------------------------------------------------------------------
+# configuration
 
-    Construction validates everything cheap (dataset layout, protocol, method parameters, class source)
-    and never touches ``out``; :meth:`prepare` writes or checks ``config.json``; :meth:`run` loads the model
-    and evaluates the images this process still has to do.
+_CLASS_SOURCES = ("none", "oracle", "vocabulary", "captions")
+_IDENTITY_FIELDS = (
+    "protocol_id", "dataset", "split", "dataset_options", "num_images", "ids_sha256", "limit", "method",
+    "method_kind", "method_params", "model", "dtype", "size", "seed", "geometry", "matching", "class_source",
+    "captions_sha256", "background_offset", "skipped_words",
+)
+
+
+def _frozen_json(value: Any) -> Any:
+    """A JSON-normalised copy (tuples -> lists, numpy scalars -> numbers), so that a config read back from
+    ``config.json`` compares equal to the one that wrote it."""
+    return _jsonable(value)
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """What defines an evaluation run: the content of ``RUNDIR/config.json``, validated when constructed.
+
+    The *identity* fields (:data:`_IDENTITY_FIELDS`) decide the numbers of the report: a run folder is resumed only
+    with an equal identity, compared field by field (:meth:`differences`). ``protocol``, ``scoring`` and ``ids`` are
+    recorded consequences of the identity; the *settings* say where and how the run reads and caches (they may
+    differ between restarts). Build one from command-line style options with :func:`resolve_evaluation`; read one
+    back with :meth:`from_json`; :class:`EvaluationRun` takes it.
+
+    Attributes:
+        protocol_id: ``"name@vN"`` of a registered protocol, or ``"custom@v1"``.
+        dataset, split, dataset_options: the reader, its split and options.
+        num_images, ids_sha256, limit: how many images, the digest of their ids in order, the ``limit`` asked for.
+        method, method_kind, method_params: the method, its kind (:func:`method_kind`) and every hyper-parameter
+            (defaults included, ``classes`` excluded: semantic methods get them per image).
+        model, dtype, size: model id (a local folder as an absolute path), precision, square input size (None: the
+            model's).
+        seed: the run seed (:func:`image_seed`).
+        geometry: how images, labels and predictions are brought to one size.
+        matching, class_source: the scoring protocol and where a semantic method's class names come from.
+        captions_sha256, background_offset: the captions file's digest; the fixed background offset.
+        skipped_words: class names the model cannot represent, skipped with ``--allow-unknown``.
+        protocol, scoring, ids: the protocol record, the scorer's settings, the image ids in order.
+        root, device, cache_stores, store_dir, captions, user_params: settings (not compared on resume).
+    """
+
+    protocol_id: str
+    dataset: str
+    split: str | None
+    dataset_options: dict[str, Any]
+    num_images: int
+    ids_sha256: str
+    limit: int | None
+    method: str
+    method_kind: str
+    method_params: dict[str, Any]
+    model: str
+    dtype: str
+    size: int | None
+    seed: int
+    geometry: Geometry
+    matching: str
+    class_source: str
+    captions_sha256: str | None
+    background_offset: float | None
+    protocol: dict[str, Any]
+    scoring: dict[str, Any]
+    ids: tuple[str, ...]
+    root: str
+    skipped_words: tuple[str, ...] = ()
+    device: str = "cpu"
+    cache_stores: bool = False
+    store_dir: str | None = None
+    captions: str | None = None
+    user_params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        def fail(message: str) -> NoReturn:
+            raise ConfigError(f"evaluation config: {message}")
+
+        for name in ("dataset_options", "method_params", "protocol", "scoring", "user_params"):
+            value = getattr(self, name)
+            if not isinstance(value, Mapping):
+                fail(f"{name} must be a mapping, got {type(value).__name__}")
+            object.__setattr__(self, name, _frozen_json(dict(value)))
+        object.__setattr__(self, "ids", tuple(str(i) for i in self.ids))
+        object.__setattr__(self, "skipped_words", tuple(str(w) for w in self.skipped_words))
+        if isinstance(self.geometry, Mapping):
+            g = self.geometry
+            object.__setattr__(self, "geometry", Geometry(crop=g["crop"], score_at=g["score_at"],
+                                                          upsample=g["upsample"]))
+        if not isinstance(self.geometry, Geometry):
+            fail(f"geometry must be a Geometry, got {type(self.geometry).__name__}")
+        if self.method_kind not in METHOD_KINDS:
+            fail(f"method_kind must be one of {', '.join(METHOD_KINDS)}, got {self.method_kind!r}")
+        if self.matching not in _KIND_MATCHINGS[self.method_kind]:
+            fail(f"a {self.method_kind} method cannot be scored with matching {self.matching!r}; use one of "
+                 f"{', '.join(_KIND_MATCHINGS[self.method_kind])}")
+        if self.class_source not in _CLASS_SOURCES:
+            fail(f"class source must be one of {', '.join(_CLASS_SOURCES)}, got {self.class_source!r}")
+        if (self.method_kind == "semantic") == (self.class_source == "none"):
+            fail(f"class source {self.class_source!r} does not fit a {self.method_kind} method")
+        if (self.class_source == "captions") != (self.captions_sha256 is not None):
+            fail("captions_sha256 is recorded exactly when the class source is 'captions'")
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            fail(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        for name, value, low in (("seed", self.seed, 0), ("limit", self.limit, 1), ("size", self.size, 1),
+                                 ("num_images", self.num_images, 1)):
+            if value is None and name in ("limit", "size"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                fail(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.num_images != len(self.ids) or len(set(self.ids)) != len(self.ids):
+            fail(f"ids must be {self.num_images} distinct ids, got {len(self.ids)} ({len(set(self.ids))} distinct)")
+        if self.ids_sha256 != _digest(self.ids):
+            fail("ids_sha256 does not match the ids")
+        if self.background_offset is not None and not math.isfinite(self.background_offset):
+            fail(f"background_offset must be finite, got {self.background_offset!r}")
+        if self.scoring.get("matching") != self.matching:
+            fail(f"scoring matching {self.scoring.get('matching')!r} differs from matching {self.matching!r}")
+
+    # ---- identity --------------------------------------------------------------------------------
+
+    def identity(self) -> dict[str, Any]:
+        """The identity as ``config.json`` holds it (the layout :mod:`attnseg.eval.report` reads)."""
+        ident: dict[str, Any] = {
+            "protocol": self.protocol_id,
+            "dataset": {"name": self.dataset, "split": self.split, "options": self.dataset_options,
+                        "num_images": self.num_images, "ids_sha256": self.ids_sha256, "limit": self.limit},
+            "method": {"name": self.method, "kind": self.method_kind, "params": self.method_params},
+            "model": {"id": self.model, "dtype": self.dtype, "size": self.size},
+            "seed": self.seed,
+            "geometry": self.geometry.to_dict(),
+            "matching": self.matching,
+            "class_source": self.class_source,
+            "captions_sha256": self.captions_sha256,
+            "background_offset": self.background_offset,
+        }
+        if self.skipped_words:
+            ident["skipped_words"] = list(self.skipped_words)
+        return _frozen_json(ident)
+
+    def differences(self, other: EvaluationConfig) -> list[str]:
+        """``"field: old -> new"`` for every identity field where ``other`` (the old run) differs from this one."""
+        out = []
+        for name in _IDENTITY_FIELDS:
+            old, new = getattr(other, name), getattr(self, name)
+            if isinstance(old, Geometry):
+                old, new = old.to_dict(), new.to_dict()
+            if _frozen_json(old) != _frozen_json(new):
+                out.append(f"{name}: {json.dumps(_frozen_json(old))[:60]} -> {json.dumps(_frozen_json(new))[:60]}")
+        return out
+
+    # ---- JSON ------------------------------------------------------------------------------------
+
+    def settings(self) -> dict[str, Any]:
+        return {"root": self.root, "device": self.device, "cache_stores": self.cache_stores,
+                "store_dir": self.store_dir, "captions": self.captions, "user_params": self.user_params}
+
+    def to_json(self) -> dict[str, Any]:
+        """What ``config.json`` holds (plus the library versions and the creation time)."""
+        return {
+            "format": RUN_FORMAT,
+            "version": _RUN_VERSION,
+            "identity": self.identity(),
+            "protocol": self.protocol,
+            "scoring": self.scoring,
+            "settings": self.settings(),
+            "ids": list(self.ids),
+            "versions": _versions(),
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> EvaluationConfig:
+        """Read a config back from ``config.json``'s content (raises :class:`ConfigError` when it does not parse)."""
+        try:
+            ident = data["identity"]
+            ds, meth, model = ident["dataset"], ident["method"], ident["model"]
+            settings = data.get("settings") or {}
+            geometry = ident["geometry"]
+            return cls(
+                protocol_id=ident["protocol"], dataset=ds["name"], split=ds["split"],
+                dataset_options=ds.get("options") or {}, num_images=ds["num_images"], ids_sha256=ds["ids_sha256"],
+                limit=ds.get("limit"), method=meth["name"], method_kind=meth["kind"], method_params=meth["params"],
+                model=model["id"], dtype=model["dtype"], size=model.get("size"), seed=ident["seed"],
+                geometry=Geometry(crop=geometry["crop"], score_at=geometry["score_at"], upsample=geometry["upsample"]),
+                matching=ident["matching"], class_source=ident["class_source"],
+                captions_sha256=ident.get("captions_sha256"), background_offset=ident.get("background_offset"),
+                skipped_words=tuple(ident.get("skipped_words") or ()), protocol=data["protocol"],
+                scoring=data["scoring"], ids=tuple(data["ids"]), root=str(settings.get("root", "")),
+                device=str(settings.get("device", "cpu")), cache_stores=bool(settings.get("cache_stores", False)),
+                store_dir=settings.get("store_dir"), captions=settings.get("captions"),
+                user_params=settings.get("user_params") or {},
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ConfigError(
+                f"config.json does not describe an evaluation run ({type(exc).__name__}: {exc})"
+            ) from None
+
+
+def _check_option_values(*, root: Any, seed: Any, limit: Any, size: Any, dtype: str, device: str) -> None:
+    """The options that need no file, import or model (first, so that a typo fails at once)."""
+    from attnseg.models.spec import check_dtype
+
+    if root is None:
+        raise ConfigError("the dataset root is required (--root DIR)")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"seed must be an integer >= 0, got {seed!r}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ConfigError(f"limit must be a positive integer, got {limit!r}")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ConfigError(f"size must be a positive integer, got {size!r}")
+    check_dtype(dtype)
+    if not isinstance(device, str) or not device.strip():
+        raise ConfigError(f"device must be a device name, got {device!r}")
+
+
+def _resolve_method(method: str, params: Mapping[str, Any] | None) -> tuple[type, MethodKind, dict[str, Any],
+                                                                           dict[str, inspect.Parameter]]:
+    from attnseg.methods.base import METHODS, list_methods
+
+    list_methods()  # imports the built-in methods so that they are registered
+    method_cls = METHODS.get(method)
+    kind = method_kind(method_cls)
+    user_params = dict(params or {})
+    if kind == "semantic" and "classes" in user_params:
+        raise ConfigError(
+            f"method {method!r} gets its classes from the class source (--class-source), not from -P classes="
+        )
+    accepted = _keyword_params(method_cls)
+    unknown = sorted(set(user_params) - set(accepted))
+    if unknown:
+        raise ConfigError(
+            f"method {method!r} has no parameter {', '.join(unknown)}; its parameters: {', '.join(sorted(accepted))}"
+        )
+    return method_cls, kind, user_params, accepted
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The protocol's answers (or the ad-hoc ones): dataset, split, options, matching, class source, geometry."""
+
+    protocol: Protocol | None
+    dataset: str
+    split: str | None
+    options: dict[str, Any]
+    matching: str
+    class_source: str
+    geometry: Geometry
+
+
+def _resolve_protocol(
+    protocol: str | None, *, kind: MethodKind, method: str, dataset: str | None, split: str | None,
+    dataset_options: Mapping[str, Any] | None, matching: str | None, class_source: str | None, crop: str | None,
+    score_at: str | None,
+) -> _Plan:
+    from attnseg.eval.protocols import get_protocol
+
+    proto = get_protocol(protocol) if protocol else None
+    if proto is not None:
+        if dataset is not None and dataset != proto.dataset:
+            raise ConfigError(f"protocol {proto.name!r} evaluates dataset {proto.dataset!r}, not {dataset!r}")
+        if dataset_options:
+            raise ConfigError(f"protocol {proto.name!r} fixes the dataset options; drop --dataset-option")
+        if split is not None and split not in (proto.split, proto.held_out_split):
+            allowed = " or ".join(repr(s) for s in (proto.split, proto.held_out_split) if s)
+            raise ConfigError(f"protocol {proto.name!r} evaluates split {allowed}, not {split!r}")
+        geometry = geometry_for(proto)
+        fixed = {"matching": proto.matching, "class_source": proto.class_source, "crop": geometry.crop,
+                 "score_at": geometry.score_at}
+        for name, value in (("matching", matching), ("class_source", class_source), ("crop", crop),
+                            ("score_at", score_at)):
+            if value is not None and value != fixed[name]:
+                raise ConfigError(
+                    f"protocol {proto.name!r} fixes {name} = {fixed[name]!r}; drop --{name.replace('_', '-')}"
+                )
+        if proto.matching not in _KIND_MATCHINGS[kind]:
+            raise ConfigError(
+                f"protocol {proto.name!r} scores {proto.matching!r} predictions, but {method!r} is a "
+                f"{kind} method; use a method whose output fits ({', '.join(_methods_for(proto.matching))})"
+            )
+        plan = _Plan(proto, proto.dataset, proto.split if split is None else split, proto.dataset_kwargs,
+                     proto.matching, proto.class_source, geometry)
+    else:
+        if dataset is None:
+            raise ConfigError("give --dataset NAME (with --root DIR) or --protocol NAME")
+        matching = matching or _KIND_MATCHINGS[kind][0]
+        if matching not in _KIND_MATCHINGS[kind]:
+            raise ConfigError(
+                f"a {kind} method cannot be scored with matching {matching!r}; use one of "
+                f"{', '.join(_KIND_MATCHINGS[kind])}"
+            )
+        if kind == "semantic":
+            class_source = class_source or "vocabulary"
+        elif class_source not in (None, "none"):
+            raise ConfigError(f"{method!r} is a {kind} method; it takes no class names (drop --class-source)")
+        else:
+            class_source = "none"
+        geometry = Geometry(
+            crop=crop or "center-crop",  # type: ignore[arg-type]
+            score_at=score_at or "label",  # type: ignore[arg-type]
+            upsample="bilinear-scores" if matching == "semantic" else "nearest",
+        )
+        plan = _Plan(None, dataset, split, dict(dataset_options or {}), matching, class_source, geometry)
+    if kind == "semantic" and plan.class_source == "none":
+        raise ConfigError(f"{method!r} is a semantic method and needs class names (--class-source)")
+    if plan.class_source not in _CLASS_SOURCES:
+        raise ConfigError(f"class source must be oracle, vocabulary or captions, got {plan.class_source!r}")
+    return plan
+
+
+def _open_dataset(plan: _Plan, root: str | Path, limit: int | None) -> SegmentationDataset:
+    from attnseg.eval.datasets import create_dataset
+
+    ds = create_dataset(plan.dataset, root, plan.split, **plan.options)
+    if limit is not None:
+        ds = ds.take(limit)
+    if len(ds) == 0:
+        raise DatasetError(f"{plan.dataset}: no images to evaluate")
+    if not ds.class_names:
+        raise DatasetError(
+            f"{plan.dataset} at {ds.root} has no class names: add classes.txt (one name per line) or pass "
+            "--dataset-option num_classes=N"
+        )
+    if plan.protocol is not None and plan.protocol.num_classes != ds.num_classes:
+        raise DatasetError(
+            f"protocol {plan.protocol.name!r} scores {plan.protocol.num_classes} classes but {plan.dataset} at "
+            f"{ds.root} has {ds.num_classes}"
+        )
+    if len(set(ds.ids)) != len(ds.ids):
+        raise DatasetError(f"{plan.dataset}: image ids are not unique")
+    return ds
+
+
+def _background_id(class_names: Sequence[str]) -> int | None:
+    lowered = [n.lower() for n in class_names]
+    return next((lowered.index(n) for n in _BACKGROUND_NAMES if n in lowered), None)
+
+
+def _positive_class(class_names: Sequence[str], target: Any, dataset: str) -> int:
+    lowered = {n.lower(): i for i, n in enumerate(class_names)}
+    if isinstance(target, str) and target.lower() in lowered:
+        return lowered[target.lower()]
+    if len(class_names) == 2:
+        return 1
+    raise ConfigError(
+        f"cannot tell which class of {dataset} is the target {target!r}; classes: {', '.join(class_names)}"
+    )
+
+
+def _check_words(
+    tokenizer: Any, *, kind: MethodKind, names: Sequence[str], target: str | None, allow_unknown: bool
+) -> tuple[str, ...]:
+    """Class names (semantic) or the target (binary) the model's vocabulary cannot represent: an error, or with
+    ``allow_unknown`` the class names to skip."""
+    from attnseg.prompts import unknown_words
+
+    if kind == "binary" and target:
+        bad = unknown_words(tokenizer, [target])
+        if bad:
+            raise ConfigError(f"the model's vocabulary cannot represent the target {target!r}; give a target word "
+                              "the model knows (-P target=WORD)")
+        return ()
+    if kind != "semantic" or not names:
+        return ()
+    bad = unknown_words(tokenizer, names)
+    if bad and not allow_unknown:
+        listed = ", ".join(repr(n) for n in bad)
+        raise ConfigError(f"the model's vocabulary cannot represent the class name(s) {listed}: their segments would "
+                          "be guesswork; use a model that knows them, or pass --allow-unknown to skip them (never "
+                          "predicted)")
+    return tuple(bad)
+
+
+def resolve_evaluation(
+    *,
+    dataset: str | None = None,
+    root: str | Path | None = None,
+    protocol: str | None = None,
+    method: str = "diffseg",
+    params: Mapping[str, Any] | None = None,
+    model: str | None = None,
+    split: str | None = None,
+    dataset_options: Mapping[str, Any] | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+    class_source: str | None = None,
+    captions: str | Path | None = None,
+    matching: str | None = None,
+    background_offset: float | None = None,
+    size: int | None = None,
+    crop: str | None = None,
+    score_at: str | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    cache_stores: bool = False,
+    store_dir: str | Path | None = None,
+    allow_unknown: bool = False,
+    adapter: DiffusionAdapter | None = None,
+) -> EvaluationConfig:
+    """Check command-line style options and resolve them into an :class:`EvaluationConfig`.
+
+    Everything is checked that needs no model weights: the option values, the method and its hyper-parameters, the
+    protocol, the dataset's layout, the class source, the model's configuration files (input size, timestep) and
+    the words against its tokenizer. Nothing is written. The keyword arguments are those of :class:`EvaluationRun`.
+    """
+    _check_option_values(root=root, seed=seed, limit=limit, size=size, dtype=dtype, device=device)
+    _, kind, user_params, accepted = _resolve_method(method, params)
+    plan = _resolve_protocol(protocol, kind=kind, method=method, dataset=dataset, split=split,
+                             dataset_options=dataset_options, matching=matching, class_source=class_source, crop=crop,
+                             score_at=score_at)
+    proto = plan.protocol
+    assert root is not None
+    ds = _open_dataset(plan, root, limit)
+    ids = tuple(ds.ids)
+    background_id = _background_id(ds.class_names)
+
+    captions_map: dict[str, list[str]] | None = None
+    captions_digest = None
+    if plan.class_source == "captions":
+        if captions is None:
+            raise ConfigError("class source 'captions' needs --captions FILE (JSON: image id -> list of names)")
+        captions_map, captions_digest = _read_captions(Path(captions), ids)
+    elif captions is not None:
+        raise ConfigError("--captions is only used with --class-source captions")
+
+    background, offsets, select = _background_plan(proto, plan.matching, plan.split, background_offset)
+    if offsets is not None and background_id is None:
+        raise ConfigError(f"{plan.dataset} has no 'background' class, so a background offset cannot be applied")
+
+    # method parameters: validated by constructing the method, recorded with their defaults
+    from attnseg.methods.base import create_method
+
+    probe = dict(user_params)
+    if kind == "semantic":
+        probe["classes"] = [n for i, n in enumerate(ds.class_names) if i != background_id][:1] or ["object"]
+    try:
+        probe_method = create_method(method, **probe)
+    except TypeError as exc:  # e.g. a required hyper-parameter (target=...) is missing
+        raise ConfigError(f"method {method!r}: {exc}") from None
+    full = {n: p.default for n, p in accepted.items() if p.default is not inspect.Parameter.empty}
+    full.update(user_params)
+    full.pop("classes", None)
+    positive = _positive_class(ds.class_names, user_params.get("target"), ds.name) if plan.matching == "binary" \
+        else None
+
+    # the model, from its configuration files (no weights): input size, timestep, words
+    if model is None:
+        model = (getattr(adapter, "name", "") or type(adapter).__name__) if adapter is not None else "toyworld"
+    model_id = str(Path(model).resolve()) if Path(model).exists() else model
+    run_size = size or (proto.resolution if proto is not None else None)
+    if adapter is None:
+        from attnseg.models.spec import check_device, describe_model
+
+        spec = describe_model(model)
+        if run_size is not None:
+            spec.check_size(run_size, flag="--size" if size else f"protocol {proto.name if proto else ''} size")
+        spec.check_timestep(probe_method.run_options().timestep, flag=f"{method}'s timestep (-P timestep=...)")
+        load_tokenizer: Callable[[], Any] = spec.tokenizer
+        check_device(device)
+    else:
+        def load_tokenizer() -> Any:
+            return getattr(adapter, "tokenizer", None)
+    if kind == "semantic":
+        if captions_map is not None:
+            names = sorted({n for v in captions_map.values() for n in v})
+        else:
+            names = [n for i, n in enumerate(ds.class_names) if i != background_id]
+        target = None
+    else:
+        names, target = [], getattr(probe_method, "target", None)
+    skipped: tuple[str, ...] = ()
+    if (names or target) and (tokenizer := load_tokenizer()) is not None:
+        skipped = _check_words(tokenizer, kind=kind, names=names, target=target, allow_unknown=allow_unknown)
+
+    if proto is not None:
+        protocol_dict = proto.to_dict()
+    else:
+        from attnseg.eval.protocols import Protocol
+
+        metrics = {"semantic": ("miou", "miou_absent_as_zero", "pixel_accuracy"),
+                   "binary": ("miou", "accuracy", "precision", "f1", "iou", "recall"),
+                   "best-match": ("best_match_iou",)}.get(plan.matching, ("miou", "pixel_accuracy"))
+        protocol_dict = Protocol(
+            name="custom", version=1, dataset=plan.dataset, split=str(ds.split),
+            preprocessing=plan.geometry.describe(), resolution=run_size, matching=plan.matching,
+            background=background, class_source=plan.class_source, num_classes=ds.num_classes, metrics=metrics,
+            notes="Ad-hoc evaluation (no registered protocol).", source="attnseg evaluate",
+            dataset_options=tuple(plan.options.items()),
+        ).to_dict()
+    scoring = {
+        "matching": plan.matching, "num_classes": ds.num_classes, "ignore_index": ds.ignore_index,
+        "class_names": list(ds.class_names), "offsets": offsets, "select": select,
+        "primary": protocol_dict["metrics"][0] if protocol_dict["metrics"] else "miou", "positive": positive,
+    }
+    make_scorer(scoring)  # the scorer's own checks
+    use_cache = bool(cache_stores or store_dir is not None)
+    return EvaluationConfig(
+        protocol_id=protocol_dict["id"], dataset=plan.dataset, split=ds.split, dataset_options=plan.options,
+        num_images=len(ids), ids_sha256=_digest(ids), limit=limit, method=method, method_kind=kind,
+        method_params=full, model=model_id, dtype=dtype, size=run_size, seed=seed, geometry=plan.geometry,
+        matching=plan.matching, class_source=plan.class_source, captions_sha256=captions_digest,
+        background_offset=background_offset, protocol=protocol_dict, scoring=scoring, ids=ids,
+        root=str(Path(root).resolve()), skipped_words=skipped, device=device, cache_stores=use_cache,
+        store_dir=str(Path(store_dir).resolve()) if store_dir is not None else None,
+        captions=str(Path(captions).resolve()) if captions is not None else None, user_params=user_params,
+    )
+
+
+class EvaluationRun:
+    """One evaluation in one run folder: takes an :class:`EvaluationConfig` and does the work.
+
+    Construction never touches ``out``; :meth:`prepare` locks this process's shard of the folder, writes or checks
+    ``config.json`` and checks the pending images; :meth:`run` loads the model and evaluates the images this process
+    still has to do.
 
     Args:
         out: the run folder (``RUNDIR``).
-        dataset: a reader name from :func:`attnseg.eval.datasets.list_datasets`; optional with ``protocol``.
-        root: the dataset folder.
-        protocol: a registered protocol name (fixes dataset, split, preprocessing, matching, background and
-            class source; ``"name@vN"`` checks the version).
-        method: a registered method name.
-        params: the method's hyper-parameters (``classes`` is supplied per image for semantic methods).
-        model: Hub id, local diffusers folder or ``"toyworld"`` (default; with ``adapter``, the adapter's name).
-        split: dataset split (a protocol's split, or its held-out split for a tuning run).
-        dataset_options: reader options, e.g. ``{"num_classes": 5}`` for the generic layout (not with a protocol).
-        limit: evaluate only the first ``limit`` images (after the protocol's own selection).
-        seed: run seed; every image is seeded with :func:`image_seed`.
-        class_source: semantic methods only, without a protocol: ``"oracle"``, ``"vocabulary"`` (default)
-            or ``"captions"``.
-        captions: JSON file ``{image id: [class names]}`` for ``class_source="captions"``.
-        matching: without a protocol, override the default matching of the method's kind.
-        background_offset: semantic methods: a fixed offset added to the background channel's scores
-            (needed by ``*-held-out`` protocols such as ``goca-voc``: take it from a run on the held-out split).
-        size: square model input size in pixels (default: the protocol's resolution, else the model's).
-        crop, score_at: geometry without a protocol (see :class:`Geometry`).
-        dtype, device: model precision and device (``"auto"``: CUDA when available).
-        cache_stores: save each image's attention under ``store_dir`` and reuse stores whose capture
-            settings match (another method hyper-parameter needs no model pass).
-        store_dir: where stores are cached (default ``RUNDIR/stores``; point it at another run's stores to
-            re-use them); implies ``cache_stores``.
+        config: the run's configuration; without it, ``**options`` are resolved with :func:`resolve_evaluation`
+            (its keyword arguments: ``dataset``, ``root``, ``protocol``, ``method``, ``params``, ``model``, ``split``,
+            ``dataset_options``, ``limit``, ``seed``, ``class_source``, ``captions``, ``matching``,
+            ``background_offset``, ``size``, ``crop``, ``score_at``, ``dtype``, ``device``, ``cache_stores``,
+            ``store_dir``, ``allow_unknown``).
         overwrite: discard the results of a previous run in ``out`` (cached stores are kept).
         rank, world_size: this process's shard (default: :func:`detect_distributed`).
         adapter: an already loaded model adapter (``model`` is then only recorded).
+
+    Attention stores are cached (``cache_stores``) under ``store_dir/<key>/<image id>.safetensors``, where ``key``
+    is a digest of the capture settings (model, input size, prompt, timestep, layers...): runs with other methods or
+    settings never overwrite each other's stores, and ``store_dir`` may point at another run's stores.
     """
 
     def __init__(
         self,
         out: str | Path,
+        config: EvaluationConfig | None = None,
         *,
-        dataset: str | None = None,
-        root: str | Path | None = None,
-        protocol: str | None = None,
-        method: str = "diffseg",
-        params: Mapping[str, Any] | None = None,
-        model: str | None = None,
-        split: str | None = None,
-        dataset_options: Mapping[str, Any] | None = None,
-        limit: int | None = None,
-        seed: int = 0,
-        class_source: str | None = None,
-        captions: str | Path | None = None,
-        matching: str | None = None,
-        background_offset: float | None = None,
-        size: int | None = None,
-        crop: str | None = None,
-        score_at: str | None = None,
-        dtype: str = "float32",
-        device: str = "cpu",
-        cache_stores: bool = False,
-        store_dir: str | Path | None = None,
         overwrite: bool = False,
         rank: int | None = None,
         world_size: int | None = None,
         adapter: DiffusionAdapter | None = None,
+        **options: Any,
     ) -> None:
-        from attnseg.eval.datasets import create_dataset
-        from attnseg.eval.protocols import Protocol, get_protocol
-        from attnseg.methods.base import METHODS, create_method, list_methods
+        from attnseg.methods.base import create_method
 
         self.out = Path(out)
         if rank is None or world_size is None:
@@ -424,264 +911,116 @@ class EvaluationRun:
                 "--overwrite cannot be used with several processes (they cannot agree on when the old results "
                 f"are gone); delete {self.out} first, or use a new --out folder"
             )
+        if config is None:
+            config = resolve_evaluation(adapter=adapter, **options)
+        elif options:
+            raise ConfigError(f"give a config or options, not both (got {', '.join(sorted(options))})")
+        self.evaluation_config = config
         self.overwrite = overwrite
-        if root is None:
-            raise ConfigError("the dataset root is required (--root DIR)")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ConfigError(f"seed must be an integer >= 0, got {seed!r}")
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-            raise ConfigError(f"limit must be a positive integer, got {limit!r}")
-        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-            raise ConfigError(f"size must be a positive integer, got {size!r}")
-        if dtype not in ("float32", "float16", "bfloat16"):
-            raise ConfigError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
-
-        # ---- method and its kind
-        list_methods()  # imports the built-in methods so that they are registered
-        method_cls = METHODS.get(method)
-        kind = method_kind(method_cls)
-        user_params = dict(params or {})
-        if kind == "semantic" and "classes" in user_params:
-            raise ConfigError(
-                f"method {method!r} gets its classes from the class source (--class-source), not from -P classes="
-            )
-        accepted = _keyword_params(method_cls)
-        unknown = sorted(set(user_params) - set(accepted))
-        if unknown:
-            raise ConfigError(
-                f"method {method!r} has no parameter {', '.join(unknown)}; "
-                f"its parameters: {', '.join(sorted(accepted))}"
-            )
-
-        # ---- protocol (registered, or an ad-hoc one described with the same fields)
-        proto: Protocol | None = get_protocol(protocol) if protocol else None
-        if proto is not None:
-            if dataset is not None and dataset != proto.dataset:
-                raise ConfigError(f"protocol {proto.name!r} evaluates dataset {proto.dataset!r}, not {dataset!r}")
-            if dataset_options:
-                raise ConfigError(f"protocol {proto.name!r} fixes the dataset options; drop --dataset-option")
-            if split is not None and split not in (proto.split, proto.held_out_split):
-                allowed = " or ".join(repr(s) for s in (proto.split, proto.held_out_split) if s)
-                raise ConfigError(f"protocol {proto.name!r} evaluates split {allowed}, not {split!r}")
-            geometry = geometry_for(proto)
-            fixed = {"matching": proto.matching, "class_source": proto.class_source, "crop": geometry.crop,
-                     "score_at": geometry.score_at}
-            for name, value in (("matching", matching), ("class_source", class_source), ("crop", crop),
-                                ("score_at", score_at)):
-                if value is not None and value != fixed[name]:
-                    raise ConfigError(
-                        f"protocol {proto.name!r} fixes {name} = {fixed[name]!r}; drop --{name.replace('_', '-')}"
-                    )
-            if proto.matching not in _KIND_MATCHINGS[kind]:
-                raise ConfigError(
-                    f"protocol {proto.name!r} scores {proto.matching!r} predictions, but {method!r} is a "
-                    f"{kind} method; use a method whose output fits ({', '.join(_methods_for(proto.matching))})"
-                )
-            dataset = proto.dataset
-            split = proto.split if split is None else split
-            ds_options: dict[str, Any] = proto.dataset_kwargs
-            matching = proto.matching
-            class_source = proto.class_source
-        else:
-            if dataset is None:
-                raise ConfigError("give --dataset NAME (with --root DIR) or --protocol NAME")
-            ds_options = dict(dataset_options or {})
-            matching = matching or _KIND_MATCHINGS[kind][0]
-            if matching not in _KIND_MATCHINGS[kind]:
-                raise ConfigError(
-                    f"a {kind} method cannot be scored with matching {matching!r}; use one of "
-                    f"{', '.join(_KIND_MATCHINGS[kind])}"
-                )
-            if kind == "semantic":
-                class_source = class_source or "vocabulary"
-            elif class_source not in (None, "none"):
-                raise ConfigError(f"{method!r} is a {kind} method; it takes no class names (drop --class-source)")
-            else:
-                class_source = "none"
-            geometry = Geometry(
-                crop=crop or "center-crop",  # type: ignore[arg-type]
-                score_at=score_at or "label",  # type: ignore[arg-type]
-                upsample="bilinear-scores" if matching == "semantic" else "nearest",
-            )
-        if kind == "semantic" and class_source == "none":
-            raise ConfigError(f"{method!r} is a semantic method and needs class names (--class-source)")
-        if class_source not in ("none", "oracle", "vocabulary", "captions"):
-            raise ConfigError(f"class source must be oracle, vocabulary or captions, got {class_source!r}")
-        self.protocol_obj = proto
-        self.kind: MethodKind = kind
-        self.geometry = geometry
-        self.class_source = class_source
-
-        # ---- dataset
-        ds = create_dataset(dataset, root, split, **ds_options)
-        if limit is not None:
-            ds = ds.take(limit)
-        if len(ds) == 0:
-            raise DatasetError(f"{dataset}: no images to evaluate")
-        if not ds.class_names:
-            raise DatasetError(
-                f"{dataset} at {ds.root} has no class names: add classes.txt (one name per line) or pass "
-                "--dataset-option num_classes=N"
-            )
-        if proto is not None and proto.num_classes != ds.num_classes:
-            raise DatasetError(
-                f"protocol {proto.name!r} scores {proto.num_classes} classes but {dataset} at {ds.root} has "
-                f"{ds.num_classes}"
-            )
-        self.dataset: SegmentationDataset = ds
-        self.ids: list[str] = ds.ids
-        if len(set(self.ids)) != len(self.ids):
-            raise DatasetError(f"{dataset}: image ids are not unique")
-        self._names = {n.lower(): i for i, n in enumerate(ds.class_names)}
-        self.background_id: int | None = next(
-            (self._names[n] for n in _BACKGROUND_NAMES if n in self._names), None
-        )
-
-        # ---- class source inputs
-        self.captions: dict[str, list[str]] | None = None
-        captions_digest = None
-        if class_source == "captions":
-            if captions is None:
-                raise ConfigError("class source 'captions' needs --captions FILE (JSON: image id -> list of names)")
-            self.captions, captions_digest = _read_captions(Path(captions), self.ids)
-        elif captions is not None:
-            raise ConfigError("--captions is only used with --class-source captions")
-
-        # ---- background handling (semantic scoring)
-        background, self.offsets, select = _background_plan(proto, matching, split, background_offset)
-        if self.offsets is not None and self.background_id is None:
-            raise ConfigError(f"{dataset} has no 'background' class, so a background offset cannot be applied")
-
-        # ---- method parameters: validated now, recorded with their defaults
-        self.method_name = method
-        self.user_params = user_params
-        probe = dict(user_params)
-        if kind == "semantic":
-            probe["classes"] = [n for i, n in enumerate(ds.class_names) if i != self.background_id][:1] or ["object"]
-        try:
-            self._method = create_method(method, **probe)
-        except TypeError as exc:  # e.g. a required hyper-parameter (target=...) is missing
-            raise ConfigError(f"method {method!r}: {exc}") from None
-        full = {n: p.default for n, p in accepted.items() if p.default is not inspect.Parameter.empty}
-        full.update(user_params)
-        full.pop("classes", None)
-        self.method_params = _jsonable(full)
-
-        # ---- binary positive class
-        positive = None
-        if matching == "binary":
-            positive = self._positive_class(user_params.get("target"))
-
-        # ---- model, size
-        if model is None:
-            model = (getattr(adapter, "name", "") or type(adapter).__name__) if adapter is not None else "toyworld"
-        model_id = str(Path(model).resolve()) if Path(model).exists() else model
-        self.model_id = model_id
         self.adapter = adapter
-        self.dtype = dtype
-        self.device = _resolve_device(device, self.world_size)
-        self.size = size or (proto.resolution if proto is not None else None)
-        self.seed = seed
-        self.cache_stores = bool(cache_stores or store_dir is not None)
-        self.store_dir = Path(store_dir) if store_dir is not None else self.out / "stores"
 
-        # ---- protocol record (ad-hoc runs are described with the same fields)
-        if proto is not None:
-            protocol_dict = proto.to_dict()
-        else:
-            metrics = {"semantic": ("miou", "miou_absent_as_zero", "pixel_accuracy"),
-                       "binary": ("miou", "accuracy", "precision", "f1", "iou", "recall"),
-                       "best-match": ("best_match_iou",)}.get(matching, ("miou", "pixel_accuracy"))
-            protocol_dict = Protocol(
-                name="custom", version=1, dataset=dataset, split=str(ds.split), preprocessing=geometry.describe(),
-                resolution=self.size, matching=matching, background=background, class_source=class_source,
-                num_classes=ds.num_classes, metrics=metrics,
-                notes="Ad-hoc evaluation (no registered protocol).", source="attnseg evaluate",
-                dataset_options=tuple(ds_options.items()),
-            ).to_dict()
-        self.protocol = protocol_dict
-        primary = protocol_dict["metrics"][0] if protocol_dict["metrics"] else "miou"
-        self.scoring: dict[str, Any] = {
-            "matching": matching,
-            "num_classes": ds.num_classes,
-            "ignore_index": ds.ignore_index,
-            "class_names": list(ds.class_names),
-            "offsets": self.offsets,
-            "select": select,
-            "primary": primary,
-            "positive": positive,
-        }
+        # everything below is rebuilt from the config (cheap: file lists, no images, no model)
+        from attnseg.eval.datasets import create_dataset
+        from attnseg.eval.protocols import get_protocol
+
+        self.protocol_obj = get_protocol(config.protocol_id) if not config.protocol_id.startswith("custom@") else None
+        self.kind: MethodKind = config.method_kind  # type: ignore[assignment]
+        self.geometry = config.geometry
+        self.class_source = config.class_source
+        ds = create_dataset(config.dataset, config.root, config.split, **config.dataset_options)
+        if config.limit is not None:
+            ds = ds.take(config.limit)
+        if _digest(ds.ids) != config.ids_sha256:
+            raise DatasetError(f"{config.dataset} at {config.root} no longer lists the images of this configuration")
+        self.dataset: SegmentationDataset = ds
+        self.ids: list[str] = list(config.ids)
+        self._names = {n.lower(): i for i, n in enumerate(ds.class_names)}
+        self.background_id = _background_id(ds.class_names)
+        self.skipped = {w.lower() for w in config.skipped_words}
+        self.captions: dict[str, list[str]] | None = None
+        if config.class_source == "captions":
+            assert config.captions is not None
+            self.captions, digest = _read_captions(Path(config.captions), self.ids)
+            if digest != config.captions_sha256:
+                raise ConfigError(f"captions file {config.captions} changed since the configuration was made")
+        self.offsets: list[float] | None = config.scoring.get("offsets")
+        self.method_name = config.method
+        self.user_params = dict(config.user_params)
+        probe = dict(self.user_params)
+        if self.kind == "semantic":
+            probe["classes"] = [n for i, n in enumerate(ds.class_names) if i != self.background_id][:1] or ["object"]
+        self._method = create_method(config.method, **probe)
+        self.method_params = config.method_params
+        self.model_id = config.model
+        self.dtype = config.dtype
+        self.device = _resolve_device(config.device, self.world_size)
+        self.size = config.size
+        self.seed = config.seed
+        self.cache_stores = config.cache_stores
+        self.store_dir = Path(config.store_dir) if config.store_dir is not None else self.out / "stores"
+        self.protocol = config.protocol
+        self.scoring = config.scoring
         self.scorer: Scorer = make_scorer(self.scoring)
-        self.matching = matching
-        self.identity = {
-            "protocol": protocol_dict["id"],
-            "dataset": {"name": dataset, "split": ds.split, "options": _jsonable(ds_options),
-                        "num_images": len(self.ids), "ids_sha256": _digest(self.ids), "limit": limit},
-            "method": {"name": method, "kind": kind, "params": self.method_params},
-            "model": {"id": model_id, "dtype": dtype, "size": self.size},
-            "seed": seed,
-            "geometry": geometry.to_dict(),
-            "matching": matching,
-            "class_source": class_source,
-            "captions_sha256": captions_digest,
-            "background_offset": background_offset,
-        }
-        self.settings = {
-            "root": str(Path(root).resolve()),
-            "device": self.device,
-            "world_size": self.world_size,
-            "cache_stores": self.cache_stores,
-            "store_dir": str(self.store_dir.resolve()) if self.cache_stores else None,
-            "captions": str(Path(captions).resolve()) if captions is not None else None,
-        }
+        self.matching = config.matching
+        self.identity = config.identity()
+        self._lock: RunLock | None = None
         self._prepared = False
         self.pending: list[int] = []
         self.done_before = 0
-        shard = list(range(self.rank, len(self.ids), self.world_size))
-        self.shard: list[int] = shard
-
-    # ---- helpers ---------------------------------------------------------------------------
-
-    def _positive_class(self, target: Any) -> int:
-        names = self.dataset.class_names
-        if isinstance(target, str) and target.lower() in self._names:
-            return self._names[target.lower()]
-        if len(names) == 2:
-            return 1
-        raise ConfigError(
-            f"cannot tell which class of {self.dataset.name} is the target {target!r}; classes: {', '.join(names)}"
-        )
+        self.shard: list[int] = list(range(self.rank, len(self.ids), self.world_size))
 
     @property
     def config(self) -> dict[str, Any]:
-        """What ``config.json`` holds."""
-        return {
-            "format": RUN_FORMAT,
-            "version": _RUN_VERSION,
-            "identity": self.identity,
-            "protocol": self.protocol,
-            "scoring": self.scoring,
-            "settings": self.settings,
-            "ids": self.ids,
-            "versions": _versions(),
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
+        """What ``config.json`` holds (see :meth:`EvaluationConfig.to_json`)."""
+        data = self.evaluation_config.to_json()
+        data["settings"]["store_dir"] = str(self.store_dir.resolve()) if self.cache_stores else None
+        data["settings"]["world_size"] = self.world_size
+        return data
 
     # ---- run folder --------------------------------------------------------------------------
 
     def prepare(self) -> None:
-        """Create ``out``, write ``config.json`` (or check that the existing one describes this run) and find
-        the images of this shard that are not finished yet."""
+        """Lock this shard of ``out``, write ``config.json`` (or check that the existing one describes this run),
+        find the images of this shard that are not finished yet and check their label sizes.
+
+        The lock is held until :meth:`run` returns (or :meth:`close`); a second process on the same shard gets
+        :class:`~attnseg.errors.RunLockedError`.
+        """
         out = self.out
         if out.exists() and not out.is_dir():
             raise ConfigError(f"--out {out} is a file, not a folder")
+        fresh = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
+        try:
+            self._lock = RunLock(out, self.rank).acquire()
+        except RunLockedError:
+            raise
+        except OSError as exc:
+            raise ConfigError(f"cannot write the run folder {out}: {exc.strerror or exc}") from None
+        try:
+            self._prepare_locked()
+        except BaseException:
+            self.close()
+            if fresh:  # nothing of this run was kept: leave no empty folder behind
+                with contextlib.suppress(OSError):
+                    out.rmdir()
+            raise
+        self._prepared = True
+
+    def _prepare_locked(self) -> None:
+        out = self.out
         config_path = out / CONFIG_NAME
+        has_config = config_path.exists()
+        if has_config and not self.overwrite:
+            self._check_config(read_config(out))
+        elif not has_config and not self.overwrite and any(out.glob(RESULTS_GLOB)):
+            raise ConfigError(f"{out} holds result files but no {CONFIG_NAME}; use --overwrite or a new --out folder")
+        finished = read_results(out, ids=self.ids).ids if has_config and not self.overwrite else set()
+        pending = [i for i in self.shard if self.ids[i] not in finished]
+        self._check_label_sizes(pending)  # before anything is written or deleted
         if self.overwrite:
             for path in [*out.glob(RESULTS_GLOB), out / "report.json", out / "report.md", config_path]:
                 path.unlink(missing_ok=True)
-        elif not config_path.exists() and any(out.glob(RESULTS_GLOB)):
-            raise ConfigError(f"{out} holds result files but no {CONFIG_NAME}; use --overwrite or a new --out folder")
         if not _create_exclusive(config_path, self.config):
             self._check_config(read_config(out))
         own = out / f"results-{self.rank}.jsonl"
@@ -690,13 +1029,35 @@ class EvaluationRun:
         finished = read_results(out, ids=self.ids).ids
         self.pending = [i for i in self.shard if self.ids[i] not in finished]
         self.done_before = len(self.shard) - len(self.pending)
-        self._prepared = True
+
+    def _check_label_sizes(self, indices: Sequence[int]) -> None:
+        """Every pending image's label must have the image's size (read from the file headers, no decoding)."""
+        for index in indices:
+            image_size, label_size = self.dataset.file_sizes(index)
+            if image_size != label_size:
+                raise DatasetError(
+                    f"{self.dataset.name}: the label of {self.ids[index]!r} is {label_size[0]}x{label_size[1]} px but "
+                    f"its image is {image_size[0]}x{image_size[1]} px; fix or remove that pair (labels are never "
+                    "cropped or stretched to fit)"
+                )
+
+    def close(self) -> None:
+        """Release the lock on this shard (also done when :meth:`run` returns)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _check_config(self, existing: Mapping[str, Any]) -> None:
-        old = existing.get("identity", {})
-        if old == _jsonable(self.identity):
+        try:
+            old = EvaluationConfig.from_json(existing)
+        except ConfigError:
+            old = None
+        if old is not None:
+            diffs = self.evaluation_config.differences(old)
+        else:  # a config this version cannot parse: compare the recorded identity as it is
+            diffs = _diff(existing.get("identity", {}), _jsonable(self.identity))
+        if not diffs:
             return
-        diffs = _diff(old, _jsonable(self.identity))
         shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
         raise ConfigError(
             f"{self.out} holds a run with another configuration ({shown}); resume it with the same options, "
@@ -737,24 +1098,24 @@ class EvaluationRun:
             rundir=self.out, rank=self.rank, world_size=self.world_size, total=len(self.ids),
             shard_total=len(self.shard), done_before=self.done_before, done_now=0,
         )
-        if self.pending:
-            adapter = self._load_adapter()
-            pipe = AttentionSegmentationPipeline(adapter, self._method)
-            if on_start is not None:
-                on_start(summary)
-            path = self.out / f"results-{self.rank}.jsonl"
-            with open(path, "a", encoding="utf-8") as f:
+        try:
+            if self.pending:
+                adapter = self._load_adapter()
+                pipe = AttentionSegmentationPipeline(adapter, self._method)
+                if on_start is not None:
+                    on_start(summary)
+                path = self.out / f"results-{self.rank}.jsonl"
                 for index in self.pending:
                     record = self._evaluate_one(pipe, index)
-                    f.write(json.dumps(record, allow_nan=False) + "\n")
-                    f.flush()
-                    os.fsync(f.fileno())
+                    append_jsonl(path, record)
                     summary.done_now += 1
                     summary.stores[record["store"]] = summary.stores.get(record["store"], 0) + 1
                     if on_image is not None:
                         on_image(record)
-        elif on_start is not None:
-            on_start(summary)
+            elif on_start is not None:
+                on_start(summary)
+        finally:
+            self.close()
         if build:
             finished = read_results(self.out, ids=self.ids).ids
             if len(finished) == len(self.ids):
@@ -779,6 +1140,12 @@ class EvaluationRun:
         image = load_image(sample.image_path)
         size = self._input_size()
         label = sample.label
+        if tuple(label.shape) != (image.height, image.width):
+            raise DatasetError(
+                f"{self.dataset.name}: the label of {sample.id!r} is {label.shape[1]}x{label.shape[0]} px but its "
+                f"image is {image.width}x{image.height} px; fix or remove that pair (labels are never cropped or "
+                "stretched to fit)"
+            )
         placement = None
         if self.geometry.crop in ("pad", "native"):
             prepared = pipe.prepare(image, size=size, fit=self.geometry.crop)  # type: ignore[arg-type]
@@ -796,6 +1163,7 @@ class EvaluationRun:
         t1 = time.perf_counter()
 
         store_state = "none"
+        prompts = 1
         if self.kind == "semantic" and not classes:
             result = None  # nothing to look for: every pixel is background
             t2 = t3 = time.perf_counter()
@@ -804,9 +1172,25 @@ class EvaluationRun:
                 from attnseg.methods.base import create_method
 
                 pipe.method = create_method(self.method_name, **self.user_params, classes=classes)
-            store, store_state = self._store(pipe, image, sample.id, seed, size)
-            t2 = time.perf_counter()
-            result = pipe.segment_store(store)
+            parts = pipe.prompt_parts()  # classes beyond one prompt's token limit: one capture per prompt
+            prompts = len(parts)
+            if prompts == 1:
+                store, store_state = self._store(pipe, image, sample.id, seed, size)
+                t2 = time.perf_counter()
+                result = pipe.segment_store(store)
+            else:
+                results, states = [], []
+                t2 = 0.0
+                for part in parts:
+                    sub = pipe.with_method(part)
+                    store, state = self._store(sub, image, sample.id, seed, size)
+                    t2 -= time.perf_counter()
+                    results.append(sub.segment_store(store))
+                    t2 += time.perf_counter()
+                    states.append(state)
+                result = pipe.method.combine_parts(results)  # type: ignore[attr-defined]
+                store_state = states[0] if len(set(states)) == 1 else "mixed"
+                t2 = time.perf_counter() - t2  # the segmenting time is not capture time
             if placement is not None:  # back to the image's own pixels: padding is cut away, never scored
                 result = placement.result_to_original(result)
             t3 = time.perf_counter()
@@ -830,6 +1214,8 @@ class EvaluationRun:
         }
         if classes is not None:
             record["classes"] = classes
+        if prompts > 1:
+            record["prompts"] = prompts
         if result is not None:
             record["num_segments"] = int(result.num_segments)
         return record
@@ -841,11 +1227,13 @@ class EvaluationRun:
         names = self.dataset.class_names
         if self.class_source == "oracle":
             present = np.unique(label)
-            return [names[int(c)] for c in present if 0 <= c < len(names) and c != self.background_id]
-        if self.class_source == "vocabulary":
-            return [n for i, n in enumerate(names) if i != self.background_id]
-        assert self.captions is not None
-        return list(self.captions[image_id])
+            chosen = [names[int(c)] for c in present if 0 <= c < len(names) and c != self.background_id]
+        elif self.class_source == "vocabulary":
+            chosen = [n for i, n in enumerate(names) if i != self.background_id]
+        else:
+            assert self.captions is not None
+            chosen = list(self.captions[image_id])
+        return [n for n in chosen if n.lower() not in self.skipped]  # --allow-unknown: never predicted
 
     # ---- attention stores ------------------------------------------------------------------------
 
@@ -869,12 +1257,17 @@ class EvaluationRun:
     def _store(
         self, pipe: AttentionSegmentationPipeline, image: Image.Image, image_id: str, seed: int, size: tuple[int, int]
     ) -> tuple[AttentionStore, str]:
-        """The image's attention store: loaded from the cache when its capture settings match, else captured."""
+        """The image's attention store: loaded from the cache when its capture settings match, else captured.
+
+        The cache folder is keyed by the capture settings (:func:`store_key`), so that another method or setting
+        never replaces these stores; a damaged cached file is captured again.
+        """
         if not self.cache_stores:
             store, _ = pipe.capture(image, seed=seed, size=size)
             return store, "computed"
         signature = self._capture_signature(pipe, seed, size)
-        path = self.store_dir / f"{_safe_name(image_id)}.safetensors"
+        folder = self.store_dir / store_key(signature, run_seed=self.seed)
+        path = folder / f"{_safe_name(image_id)}.safetensors"
         if path.is_file():
             store = _load_store(path, signature)
             if store is not None:
@@ -882,10 +1275,12 @@ class EvaluationRun:
         store, _ = pipe.capture(image, seed=seed, size=size)
         store.meta["capture"] = signature
         store.meta["image_id"] = image_id
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.safetensors")
-        store.save(tmp)
-        os.replace(tmp, path)
+        folder.mkdir(parents=True, exist_ok=True)
+        described = folder / "capture.json"
+        if not described.exists():
+            write_json_atomic(described, {**{k: v for k, v in signature.items() if k != "seed"},
+                                          "run_seed": self.seed})
+        store.save(path)  # atomic: a temporary file, then a rename
         return store, "saved"
 
     # ---- predictions ------------------------------------------------------------------------------
@@ -1028,6 +1423,16 @@ def _methods_for(matching: str) -> list[str]:
     return [f"{k} methods" for k in kinds] or ["none"]
 
 
+def store_key(signature: Mapping[str, Any], *, run_seed: int) -> str:
+    """The cache sub-folder of stores captured with ``signature`` (every capture setting except the image's own
+    seed, which derives from ``run_seed`` and the image id): 16 hex digits of a SHA-256."""
+    settings = {k: v for k, v in signature.items() if k != "seed"}
+    if signature.get("seed") is not None:  # random captures: the run seed decides every image's draws
+        settings["run_seed"] = int(run_seed)
+    text = json.dumps(_jsonable(settings), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def _safe_name(image_id: str) -> str:
     """A file stem for an image id: the id itself when it is safe, else a sanitised id plus a short hash."""
     safe = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in image_id)
@@ -1111,7 +1516,8 @@ def _read_captions(path: Path, ids: Sequence[str]) -> tuple[dict[str, list[str]]
 
 
 def evaluate(out: str | Path, **kwargs: Any) -> EvalSummary:
-    """Run (or resume) an evaluation; the keyword arguments are those of :class:`EvaluationRun`.
+    """Run (or resume) an evaluation; the keyword arguments are those of :class:`EvaluationRun` (and of
+    :func:`resolve_evaluation`).
 
     Example:
         >>> summary = evaluate("runs/a", dataset="generic", root="data/toy", method="diffseg",

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from attnseg.io.atomic import write_text_atomic
 
 if TYPE_CHECKING:
     from attnseg.io.geometry import Placement
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
 __all__ = [
     "colorize",
     "heatmap_image",
+    "label_image",
     "label_png_array",
     "overlay",
     "palette",
@@ -40,6 +42,20 @@ def palette(n: int) -> np.ndarray:
             c >>= 3
         cols[i] = (r, g, b)
     return cols
+
+
+def label_png_array(labels: np.ndarray) -> np.ndarray:
+    """Non-negative int ids as an array a PNG can hold: 8-bit while every id is below 256, else 16-bit (up to
+    65535, so ids never wrap); ids outside ``[0, 65535]`` are refused."""
+    labels = np.asarray(labels)
+    if labels.size and (labels.min() < 0 or labels.max() > np.iinfo(np.uint16).max):
+        raise ValueError(f"label ids must lie in [0, 65535] to be written as a PNG, got {labels.min()}..{labels.max()}")
+    return labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.uint16, copy=False)
+
+
+def label_image(labels: np.ndarray) -> Image.Image:
+    """``(H, W)`` non-negative int ids -> a grayscale PNG-ready image, 8- or 16-bit (see :func:`label_png_array`)."""
+    return Image.fromarray(np.ascontiguousarray(label_png_array(labels)))
 
 
 def colorize(labels: np.ndarray) -> Image.Image:
@@ -160,18 +176,9 @@ def save_heatmap(scores: np.ndarray, path: str | Path) -> Path:
     return path
 
 
-def label_png_array(labels: np.ndarray) -> np.ndarray:
-    """Ids as 8-bit gray when they fit, else 16-bit."""
-    labels = np.asarray(labels)
-    return labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.uint16, copy=False)
-
-
 def write_json(data: dict[str, Any], path: Path) -> Path:
-    """Write JSON atomically (a temporary file renamed over ``path``): a JSON that exists is complete."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-    return path
+    """Write JSON atomically (see :mod:`attnseg.io.atomic`): a JSON that exists is complete."""
+    return write_text_atomic(path, json.dumps(data, indent=2))
 
 
 def save_result(
@@ -194,7 +201,7 @@ def save_result(
     else:
         labels = result.labels.cpu().numpy()
     paths = {"labels": out / f"{stem}.labels.png", "json": out / f"{stem}.json"}
-    Image.fromarray(label_png_array(labels)).save(paths["labels"])
+    label_image(labels).save(paths["labels"])
     if image is not None:
         paths["overlay"] = out / f"{stem}.overlay.png"
         overlay(image, labels, names=result.label_names).save(paths["overlay"])

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from attnseg.errors import ImageError
+from attnseg.io import MAX_PIXELS
 
 if TYPE_CHECKING:
     import torch
@@ -37,8 +38,6 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".t
 
 
 HIGH_BIT_DEPTHS = (8, 10, 12, 14, 16)
-#: default limit on an image's pixel count (Pillow's own decompression-bomb limit, about 179 megapixels)
-MAX_PIXELS = 2 * 89_478_485
 _ORIENTATION_TAG = 0x0112
 _TRANSPOSE = {
     2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
@@ -186,8 +185,9 @@ def _decode_16bit_colour(path: Path, im: Image.Image, tiles: list[Any]) -> Image
 def _pixel_limit_error(name: str, width: int, height: int, max_pixels: int) -> ImageError:
     mp = width * height / 1e6
     return ImageError(
-        f"{name} is {width}x{height} px ({mp:.0f} megapixels), over the limit of {max_pixels / 1e6:.0f} "
-        "megapixels (a decompression bomb?); if it is a real image, raise the limit (--max-megapixels)"
+        f"{name} is too large to decode safely: {width}x{height} px ({mp:.0f} megapixels), over the limit of "
+        f"{max_pixels / 1e6:.3g} megapixels (a possible decompression bomb); downscale it, or if it is a real image "
+        "raise the limit (--max-megapixels)"
     )
 
 

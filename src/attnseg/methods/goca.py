@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -707,6 +708,7 @@ class GoCA:
         if overlap:
             raise ConfigError(f"background_objects repeat classes: {sorted(overlap)}")
         entities = (*self.classes, *self.background_objects)
+        self.default_prompt = prompt is None  # the prompt is attnseg's to build (and to split, see split_prompts)
         if prompt is None:
             self.prompt = ", ".join(entities)
         else:
@@ -1047,6 +1049,96 @@ class GoCA:
         return SegmentationResult(
             labels=labels.cpu(), scores=up.cpu(), label_names=("background", *self.classes), method=self.name,
             params=self.params(), meta=meta,
+        )
+
+    # -- more classes than one prompt holds ---------------------------------------------------------------------------
+
+    def split_prompts(self, fitting: Callable[[str, Sequence[str]], list[bool]]) -> list[GoCA]:
+        """This method once per prompt, so that every class fits in the text encoder's token limit.
+
+        Args:
+            fitting: ``fitting(text, words)`` tells, per word, whether the tokenizer keeps all of it (see
+                :func:`attnseg.prompts.words_within` on the encoded ``text``).
+
+        Returns:
+            ``[self]`` when the prompt holds every class and background object; else one GoCA per group of classes,
+            each prompt listing the background objects first, then as many classes as fit ([proposal]: the
+            reference drops the classes that are cut off). Each group is captured and segmented on its own and
+            :meth:`combine_parts` merges the results.
+
+        Raises:
+            ConfigError: a user-given prompt is cut off (it cannot be split), or the background objects with a single
+                class do not fit.
+        """
+        entities = [*self.classes, *self.background_objects]
+        if all(fitting(self.prompt, entities)):
+            return [self]
+        if not self.default_prompt:
+            cut = [e for e, ok in zip(entities, fitting(self.prompt, entities), strict=True) if not ok]
+            raise ConfigError(
+                f"the prompt is longer than the text encoder's limit and cuts off {cut}; shorten the prompt, or leave "
+                "it unset so that the classes are spread over several prompts"
+            )
+        background = list(self.background_objects)
+        groups: list[list[str]] = []
+        remaining = list(self.classes)
+        while remaining:
+            words = background + remaining
+            ok = fitting(", ".join(words), words)
+            if not all(ok[: len(background)]):
+                raise ConfigError("the background objects alone fill the text encoder's token limit; name fewer "
+                                  "background objects")
+            k = 0
+            while k < len(remaining) and ok[len(background) + k]:
+                k += 1
+            if k == 0:
+                raise ConfigError(f"class {remaining[0]!r} does not fit in one prompt with the background objects; "
+                                  "use a shorter name or fewer background objects")
+            groups.append(remaining[:k])
+            remaining = remaining[k:]
+        return [self.for_classes(g, prompt=", ".join(background + g)) for g in groups]
+
+    def for_classes(self, classes: Sequence[str], *, prompt: str | None = None) -> GoCA:
+        """A copy with other classes (and the given prompt, default the comma-joined entities); same settings."""
+        params = self.params()
+        params.update(classes=list(classes), prompt=prompt)
+        part = GoCA(**params)
+        part.default_prompt = self.default_prompt
+        return part
+
+    def combine_parts(self, results: Sequence[SegmentationResult]) -> SegmentationResult:
+        """Merge the results of :meth:`split_prompts`'s parts into one result over all classes.
+
+        Class channels are taken as they are (each class map is min-max normalised within its own prompt, G4/G6);
+        the background channel is the mean of the parts' background channels ([proposal]); then the argmax (G7).
+        ``meta["prompts"]`` is the number of prompts and ``meta["parts"]`` each part's meta.
+        """
+        if len(results) == 1:
+            return replace(results[0], meta={**results[0].meta, "prompts": 1})
+        by_name: dict[str, torch.Tensor] = {}
+        backgrounds = []
+        for r in results:
+            if r.scores is None or r.label_names is None or r.label_names[0] != "background":
+                raise ConfigError("combine_parts needs GoCA results (scores with a background channel first)")
+            backgrounds.append(r.scores[0])
+            by_name.update({n: r.scores[i] for i, n in enumerate(r.label_names) if i > 0})
+        missing = [c for c in self.classes if c not in by_name]
+        if missing:
+            raise ConfigError(f"the parts do not cover the classes {missing}")
+        scores = torch.stack([torch.stack(backgrounds).mean(0), *[by_name[c] for c in self.classes]])
+        dropped = [c for r in results for c in r.meta.get("dropped", ())]
+        ranked = scores.clone()
+        for k, c in enumerate(self.classes):
+            if c in dropped:
+                ranked[k + 1] = -math.inf
+        meta = {
+            "variant": self.variant, "prompts": len(results), "prompt_texts": [r.params.get("prompt") for r in results],
+            "dropped": dropped, "warnings": [w for r in results for w in r.meta.get("warnings", ())],
+            "parts": [dict(r.meta) for r in results],
+        }
+        return SegmentationResult(
+            labels=ranked.argmax(0).to(torch.int64), scores=scores, label_names=("background", *self.classes),
+            method=self.name, params=self.params(), meta=meta,
         )
 
     @staticmethod

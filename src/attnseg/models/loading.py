@@ -2,43 +2,35 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from attnseg.errors import ConfigError, ModelNotFoundError, UnsupportedModelError
+from attnseg.models.spec import (
+    PIPELINE_FAMILIES,
+    PLANNED_FAMILIES,
+    _hub_snapshot,
+    describe_model,
+    hub_offline,
+    read_json_file,
+)
 
 __all__ = ["detect_family", "load_components", "load_model", "read_model_index"]
 
-# diffusers pipeline class -> attnseg family
-_PIPELINE_FAMILIES = {
-    "StableDiffusionPipeline": "unet",
-    "StableDiffusionImg2ImgPipeline": "unet",
-    "StableDiffusionXLPipeline": "unet",
-    "StableDiffusionXLImg2ImgPipeline": "unet",
-    "PixArtSigmaPipeline": "pixart",
-    "PixArtAlphaPipeline": "pixart",
-    "FluxPipeline": "flux",
-    "FluxImg2ImgPipeline": "flux",
-    "StableDiffusion3Pipeline": "sd3",
-}
-_PLANNED = {"pixart": "PixArt-Sigma", "flux": "Flux", "sd3": "Stable Diffusion 3"}
-
-_OFFLINE_HINT = (
-    "If you are offline, download the model elsewhere (e.g. `hf download {id} --local-dir DIR`) and pass the "
-    "local folder with --model DIR, or set HF_HUB_OFFLINE=1 to use a copy already in the Hugging Face cache."
-)
+# kept here for callers that import them from this module
+_PIPELINE_FAMILIES = PIPELINE_FAMILIES
+_PLANNED = PLANNED_FAMILIES
 
 
 def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    return hub_offline()
 
 
 def read_model_index(id_or_path: str, *, local_files_only: bool | None = None, revision: str | None = None) -> dict:
-    """Read ``model_index.json`` from a local folder or the Hub (cache first when offline)."""
+    """Read ``model_index.json`` from a local folder or the Hub (cache first; one quick probe of the Hub when the
+    file is not cached, so that an offline machine fails at once with one line)."""
     path = Path(id_or_path).expanduser()
     if path.exists():
         index = path / "model_index.json"
@@ -47,23 +39,11 @@ def read_model_index(id_or_path: str, *, local_files_only: bool | None = None, r
                 f"{path} is not a diffusers model folder: {index} is missing "
                 "(save one with `pipe.save_pretrained(DIR)`, or download a Hub repository with its model_index.json)"
             )
-        return json.loads(index.read_text())
+        return read_json_file(index, f"model {id_or_path}")
     if id_or_path.startswith((".", "/", "~")) or id_or_path.count("/") > 1:
         raise ModelNotFoundError(f"model folder not found: {id_or_path}")
-    from huggingface_hub import hf_hub_download
-
-    try:
-        file = hf_hub_download(
-            id_or_path, "model_index.json", revision=revision,
-            local_files_only=bool(local_files_only) or _offline(),
-        )
-    except Exception as exc:  # network errors, missing repos, gated repos all surface here
-        reason = type(exc).__name__
-        raise ModelNotFoundError(
-            f"cannot get model {id_or_path!r} from the Hugging Face Hub ({reason}). "
-            + _OFFLINE_HINT.format(id=id_or_path)
-        ) from None
-    return json.loads(Path(file).read_text())
+    snapshot = _hub_snapshot(id_or_path, revision, local_only=bool(local_files_only))
+    return read_json_file(snapshot / "model_index.json", f"model {id_or_path}")
 
 
 def detect_family(index: dict) -> str:
@@ -140,7 +120,10 @@ def load_model(
 
         path = None if id_or_path == "toyworld" else id_or_path
         return ToyAdapter.from_pretrained(path, dtype=dtype, device=device, **kwargs)
-    index = read_model_index(id_or_path, local_files_only=kwargs.pop("local_files_only", None))
+    local_only = kwargs.pop("local_files_only", None)
+    if not local_only:
+        describe_model(id_or_path)  # every configuration file checked (one-line errors) before the weights load
+    index = read_model_index(id_or_path, local_files_only=local_only)
     family = detect_family(index)
     if family == "unet":
         from attnseg.models.unet import UNetAdapter

@@ -161,9 +161,9 @@ def segment_request(
 
 
 def model_banner(adapter: DiffusionAdapter, name: str) -> str:
-    from attnseg.cli.common import describe_model
+    from attnseg.cli.common import model_banner as banner
 
-    return describe_model(adapter, name)
+    return banner(adapter, name)
 
 
 def build_app(adapter: DiffusionAdapter, model_name: str, *, workdir: Path | None = None) -> gr.Blocks:

@@ -133,6 +133,22 @@ class SegmentationDataset:
         """Number of scored classes (``len(class_names)``)."""
         return len(self.class_names)
 
+    def file_sizes(self, index: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """``((W, H) of the image, (W, H) of the label)`` of one sample, read from the file headers (no decoding)."""
+        from PIL import Image, UnidentifiedImageError
+
+        item = self._items[index]
+        sizes = []
+        for path, what in ((item.image_path, "image"), (item.label_path, "label")):
+            try:
+                with Image.open(path) as im:
+                    sizes.append((int(im.size[0]), int(im.size[1])))
+            except FileNotFoundError:
+                raise DatasetError(f"{self.name}: {what} file {path} is missing") from None
+            except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
+                raise DatasetError(f"{self.name}: cannot read {what} file {path}: {err}") from None
+        return sizes[0], sizes[1]
+
     def index(self, sample_id: str) -> int:
         """Position of the sample with this id."""
         for i, item in enumerate(self._items):
