@@ -187,7 +187,7 @@ def test_encode_prompt_offsets_and_conditioning(toy: ToyAdapter) -> None:
     for i in range(prompt.length - 1, t):
         torch.testing.assert_close(emb[i], emb[0])
     assert toy.encode_prompt("").length == 2
-    assert toy.encode_prompt("a purple circle").extra["unknown_words"] == ["purple"]
+    assert toy.encode_prompt("a giraffe circle").extra["unknown_words"] == ["giraffe"]
 
 
 def test_noise_is_seeded_and_denoise_is_one_pass(toy: ToyAdapter) -> None:

@@ -73,11 +73,10 @@ class WorldConfig:
         min_visible: fraction of an object's own area that must stay visible after later objects are drawn.
         touch_prob: probability that an object after the first is placed touching (or overlapping) an
             earlier one, taking that object's colour (so same-colour objects meet often).
-        camouflage_prob: probability that an object (with any object touching it) wears the background's
-            colours in another texture (striped, or dotted on a striped background).
         second_colour_prob: probability that the second tone of a background texture, or of an object's
-            stripes, is another palette colour (often an object's colour for a background, the
-            background's colour for an object); otherwise a darker or lighter shade of its own colour.
+            stripes, is another palette colour (often an object's colour for a background; never the background's
+            colour for an object, so its outline stays whole); otherwise a darker or lighter shade of its own
+            colour.
         lighting: largest relative change of brightness of the smooth lighting field (whole image).
         noise: standard deviation of the per-pixel Gaussian noise (0-255 units, whole image).
         version: the scene generator's version (:data:`WORLD_VERSION`).
@@ -100,12 +99,11 @@ class WorldConfig:
     object_textures: tuple[str, ...] = ("plain", "striped", "dotted", "shaded")
     object_texture_weights: tuple[float, ...] = (0.1, 0.35, 0.3, 0.25)
     background_textures: tuple[str, ...] = ("plain", "striped", "dotted", "checkered", "shaded")
-    min_objects: int = 1
-    max_objects: int = 3
+    min_objects: int = 2
+    max_objects: int = 4
     size_range: tuple[float, float] = (0.17, 0.28)
     min_visible: float = 0.65
-    touch_prob: float = 0.5
-    camouflage_prob: float = 0.4
+    touch_prob: float = 0.6
     second_colour_prob: float = 0.7
     lighting: float = 0.3
     noise: float = 6.0
@@ -150,7 +148,7 @@ class WorldConfig:
             raise ValueError(f"size_range must satisfy 0 < lo <= hi < 0.5, got {self.size_range}")
         if not 0 < self.min_visible <= 1:
             raise ValueError(f"min_visible must be in (0, 1], got {self.min_visible}")
-        for name in ("touch_prob", "second_colour_prob", "camouflage_prob"):
+        for name in ("touch_prob", "second_colour_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if not 0 <= self.lighting < 1:
@@ -493,17 +491,11 @@ def generate_scene(seed: int, config: WorldConfig | None = None) -> Scene:
         angle = {"square": rng.uniform(-25, 25), "cross": rng.uniform(-25, 25), "triangle": rng.uniform(0, 120)}
         angle_ = float(angle.get(shape, 0.0))
         anchor = placed[int(rng.integers(len(placed)))] if placed and rng.random() < config.touch_prob else None
-        # A touching object takes its neighbour's colour. A camouflaged object wears the background's two
-        # tones in another texture (striped on dotted, dotted on striped...), so only its outline and texture
-        # tell it apart; any other object avoids the background's main colour, so its outline stays visible.
-        camouflage = anchor["camouflage"] if anchor is not None else bool(rng.random() < config.camouflage_prob)
-        if camouflage:
-            colour = bg_colour
-            texture = "dotted" if pattern == "striped" else "striped"
-        else:
-            colour = anchor["colour"] if anchor is not None else str(rng.choice(object_colours))
-            tw = np.asarray(config.object_texture_weights, dtype=np.float64)
-            texture = str(rng.choice(config.object_textures, p=tw / tw.sum()))
+        # A touching object takes its neighbour's colour; no object takes the background's main colour, so every
+        # outline stays visible (the background's second tone may well be an object's colour).
+        colour = anchor["colour"] if anchor is not None else str(rng.choice(object_colours))
+        tw = np.asarray(config.object_texture_weights, dtype=np.float64)
+        texture = str(rng.choice(config.object_textures, p=tw / tw.sum()))
         for _try in range(config.max_tries):
             centre = _place(rng, config, shape, r, anchor if _try < config.max_tries // 2 else None)
             if centre is None:
@@ -517,7 +509,7 @@ def generate_scene(seed: int, config: WorldConfig | None = None) -> Scene:
                 instance_map = new_map
                 full_area.append(int(mask.sum()))
                 placed.append({"shape": shape, "colour": colour, "texture": texture, "center": centre,
-                               "radius": r, "angle": angle_, "camouflage": camouflage})
+                               "radius": r, "angle": angle_})
                 break
 
     if not placed:
@@ -528,7 +520,7 @@ def generate_scene(seed: int, config: WorldConfig | None = None) -> Scene:
         mask = _SHAPES[shape](yy, xx, size / 2, size / 2, r, 0.0)
         instance_map = np.where(mask, 1, instance_map)
         placed.append({"shape": shape, "colour": colour, "texture": "plain", "center": (size / 2, size / 2),
-                       "radius": r, "angle": 0.0, "camouflage": False})
+                       "radius": r, "angle": 0.0})
 
     # The background's second tone is often the colour of an object, and an object's stripes or dots are
     # often the background's colour or another palette colour: colour clusters then cut across objects.
@@ -544,11 +536,9 @@ def generate_scene(seed: int, config: WorldConfig | None = None) -> Scene:
         vis = instance_map == k + 1
         rgb = palette[p["colour"]]
         second = _second_tone(rng, rgb)
-        if p["camouflage"]:
-            second = bg_second
-        elif p["texture"] == "striped" and rng.random() < config.second_colour_prob:
-            others = [c for c in colour_names if c != p["colour"]]
-            second = palette[bg_colour if rng.random() < 0.5 else str(rng.choice(others))]
+        if p["texture"] == "striped" and rng.random() < config.second_colour_prob:
+            others = [c for c in colour_names if c not in (p["colour"], bg_colour)]
+            second = palette[str(rng.choice(others))]
         paint = _paint(rng, p["texture"], rgb, second, yy, xx, scale)
         image[vis] = paint[vis]
 
