@@ -6,10 +6,10 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from attnseg.errors import TokenNotFoundError
+from attnseg.errors import ConfigError, TokenNotFoundError
 from attnseg.types import Prompt, TokenSpan
 
-__all__ = ["STOP_WORDS", "Tokenized", "content_tokens", "find_word", "tokenize"]
+__all__ = ["STOP_WORDS", "Tokenized", "check_prompt_length", "content_tokens", "find_word", "tokenize"]
 
 # Skipped as "content" (GoCA's reference skips these, plus punctuation and special tokens).
 STOP_WORDS = frozenset({"a", "an", "the", "and", "of", "with", "in", "on", "at", "to", "photo", "picture", "image"})
@@ -38,6 +38,11 @@ def tokenize(tokenizer: Any, text: str, max_length: int | None = None) -> Tokeni
 
     Works with Hugging Face tokenizers that return offsets (CLIP, T5 fast tokenizers) and with
     tokenizers that provide ``encode_with_offsets(text, max_length)`` (attnseg's word-level toy tokenizer).
+
+    Special tokens (start, end, padding; T5 has no start token and ends with ``</s>``) are flagged in
+    ``special`` and get the offset ``(0, 0)``, so no word lookup ever returns them. A word that the tokenizer
+    splits into several pieces (BPE, sentencepiece) keeps one offset per piece, so :func:`find_word` maps it to
+    all of them.
     """
     if hasattr(tokenizer, "encode_with_offsets"):
         return tokenizer.encode_with_offsets(text, max_length)
@@ -58,6 +63,25 @@ def tokenize(tokenizer: Any, text: str, max_length: int | None = None) -> Tokeni
         eos = tokenizer.eos_token_id
         length = ids.index(eos) + 1 if eos in ids else len(ids)
     return Tokenized(ids, tuple(tokenizer.convert_ids_to_tokens(list(ids))), offsets, special, length)
+
+
+def check_prompt_length(tokenizer: Any, text: str, max_length: int, what: str = "the text encoder") -> int:
+    """The number of tokens ``text`` makes (special tokens included), or a one-line error when it exceeds
+    ``max_length`` (instead of silent truncation, which would drop the words at the end).
+
+    Raises:
+        ConfigError: the prompt is longer than ``max_length`` tokens.
+    """
+    try:
+        count = len(tokenizer(text, truncation=False)["input_ids"])
+    except (TypeError, KeyError):  # tokenizers without the Hugging Face call signature: nothing to check here
+        return 0
+    if count > max_length:
+        raise ConfigError(
+            f"the prompt has {count} tokens but {what} takes at most {max_length}; shorten the prompt "
+            "(or list fewer classes)"
+        )
+    return count
 
 
 def _word_spans(text: str, word: str) -> list[tuple[int, int]]:
@@ -99,7 +123,7 @@ def content_tokens(prompt: Prompt) -> list[int]:
     for i, ((a, b), s) in enumerate(zip(prompt.offsets, prompt.special, strict=False)):
         if s or i >= prompt.length:
             continue
-        piece = prompt.text[a:b].lower()
+        piece = prompt.text[a:b].strip().lower()  # sentencepiece offsets may include the leading space
         if piece in STOP_WORDS or _PUNCT.match(piece or ","):
             continue
         out.append(i)

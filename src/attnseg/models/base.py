@@ -54,12 +54,36 @@ class DiffusionAdapter(ABC):
         return next(self.denoiser.parameters()).dtype
 
     def describe(self) -> dict[str, Any]:
-        """A JSON-able summary (family, resolution, layer counts) for reports and ``attnseg list``."""
+        """A JSON-able summary (family, resolution, layer counts) for reports and ``attnseg list``.
+
+        ``layers`` counts attention modules by kind; ``parts`` counts the self/cross/reverse parts of joint layers.
+        """
         layers = self.attention_layers()
         kinds: dict[str, int] = {}
+        parts: dict[str, int] = {}
         for info in layers.values():
-            kinds[info.kind] = kinds.get(info.kind, 0) + 1
-        return {"family": self.family, "resolution": list(self.resolution), "layers": kinds}
+            target = parts if info.part else kinds
+            target[info.kind] = target.get(info.kind, 0) + 1
+        out: dict[str, Any] = {"family": self.family, "resolution": list(self.resolution), "layers": kinds}
+        if parts:
+            out["parts"] = parts
+        return out
+
+    def method_defaults(self, method: str, *, variant: str | None = None) -> dict[str, Any]:
+        """The family's recommended hyper-parameters for ``method`` on this model (``recommended[method]``).
+
+        A ``"run"`` entry holds run options (``timestep``, ``add_noise``, ``size``...) rather than
+        hyper-parameters; a ``"variants"`` entry holds per-variant overrides, merged in for ``variant``.
+        Explicit user settings override all of them.
+        """
+        import copy
+
+        rec = getattr(self, "recommended", None)
+        params = copy.deepcopy(rec.get(method, {})) if isinstance(rec, dict) else {}
+        variants = params.pop("variants", {})
+        if variant is not None and variant in variants:
+            params.update(copy.deepcopy(variants[variant]))
+        return params
 
     # -- inputs --------------------------------------------------------------------------------
     @abstractmethod

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from attnseg.errors import ConfigError, ModelNotFoundError, UnsupportedModelError
 
-__all__ = ["detect_family", "load_components", "load_model", "read_model_index"]
+__all__ = [
+    "Component",
+    "detect_family",
+    "load_components",
+    "load_model",
+    "load_pipeline_components",
+    "read_model_index",
+]
 
 # diffusers pipeline class -> attnseg family
 _PIPELINE_FAMILIES = {
@@ -24,8 +34,15 @@ _PIPELINE_FAMILIES = {
     "FluxPipeline": "flux",
     "FluxImg2ImgPipeline": "flux",
     "StableDiffusion3Pipeline": "sd3",
+    "StableDiffusion3Img2ImgPipeline": "sd3",
 }
-_PLANNED = {"pixart": "PixArt-Sigma", "flux": "Flux", "sd3": "Stable Diffusion 3"}
+# diffusers denoiser class -> attnseg family (the denoiser decides when the pipeline class is unknown)
+_TRANSFORMER_FAMILIES = {
+    "PixArtTransformer2DModel": "pixart",
+    "SD3Transformer2DModel": "sd3",
+    "FluxTransformer2DModel": "flux",
+}
+_SUPPORTED = "SD 1.x/2.x/XL (UNet), PixArt-Sigma, SD3/3.5, Flux.1"
 
 _OFFLINE_HINT = (
     "If you are offline, download the model elsewhere (e.g. `hf download {id} --local-dir DIR`) and pass the "
@@ -66,12 +83,123 @@ def read_model_index(id_or_path: str, *, local_files_only: bool | None = None, r
     return json.loads(Path(file).read_text())
 
 
+def _class_of(entry: Any) -> str | None:
+    """The class name of a ``model_index.json`` component entry ``[library, class]`` (None when absent)."""
+    if isinstance(entry, list | tuple) and len(entry) == 2 and entry[1] not in (None, "null"):
+        return str(entry[1])
+    return None
+
+
 def detect_family(index: dict) -> str:
-    """The attnseg family of a pipeline described by ``model_index.json``."""
+    """The attnseg family of a pipeline described by ``model_index.json``: by its denoiser class (a
+    ``transformer`` entry) when it has one, else by its pipeline class."""
     cls = index.get("_class_name", "")
+    denoiser = _class_of(index.get("transformer"))
+    if denoiser is not None:
+        family = _TRANSFORMER_FAMILIES.get(denoiser)
+        if family is None:
+            known = ", ".join(_TRANSFORMER_FAMILIES)
+            raise UnsupportedModelError(
+                f"transformer class {denoiser} ({cls or 'unknown pipeline'}) is not supported; supported transformer "
+                f"classes: {known}"
+            )
+        if cls in _PIPELINE_FAMILIES and _PIPELINE_FAMILIES[cls] != family:
+            raise UnsupportedModelError(f"pipeline class {cls} does not go with transformer class {denoiser}")
+        return family
     if cls in _PIPELINE_FAMILIES:
         return _PIPELINE_FAMILIES[cls]
-    raise UnsupportedModelError(f"pipeline class {cls or '(none)'} is not supported; supported: SD 1.x/2.x/XL")
+    raise UnsupportedModelError(f"pipeline class {cls or '(none)'} is not supported; supported: {_SUPPORTED}")
+
+
+@dataclass(frozen=True)
+class Component:
+    """One component of a diffusers pipeline folder, as an adapter's constructor takes it.
+
+    Attributes:
+        name: the ``model_index.json`` key, sub-folder and constructor argument (``"text_encoder_2"``).
+        role: what it is, for messages (``"T5 text encoder"``).
+        kind: ``"model"`` (weights: moved to the device, eval mode, dtype), ``"tokenizer"`` or ``"scheduler"``.
+        required: whether the adapter needs it (an optional component the index lists as null is passed as None).
+    """
+
+    name: str
+    role: str
+    kind: Literal["model", "tokenizer", "scheduler"] = "model"
+    required: bool = True
+
+
+def _download_hint(id_or_path: str, name: str) -> str:
+    return (
+        f"download the complete model (e.g. `hf download REPO --local-dir {id_or_path}`, or at least "
+        f"`--include '{name}/*'`)"
+    )
+
+
+def load_pipeline_components(
+    id_or_path: str,
+    components: Sequence[Component],
+    *,
+    family: str,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    local_files_only: bool | None = None,
+    revision: str | None = None,
+) -> dict[str, Any]:
+    """Load the components an adapter takes from a Hub id or a local diffusers folder.
+
+    Every component is checked first (listed in ``model_index.json``, its sub-folder present in a local folder),
+    so a folder missing its T5 encoder fails in one line before any weight is read. Classes come from
+    ``model_index.json`` (``[library, class]``).
+
+    Returns:
+        ``{name: object or None}`` keyword arguments for the adapter's constructor.
+    """
+    index = read_model_index(id_or_path, local_files_only=local_files_only, revision=revision)
+    found = detect_family(index)
+    if found != family:
+        raise UnsupportedModelError(f"{id_or_path} is a {found} model, not {family}")
+    folder = Path(id_or_path).expanduser()
+    local = folder.exists()
+    plan: list[tuple[Component, str, str]] = []
+    out: dict[str, Any] = {}
+    for comp in components:
+        entry = index.get(comp.name)
+        cls_name = _class_of(entry)
+        if cls_name is None:
+            if comp.required:
+                raise ModelNotFoundError(
+                    f"{id_or_path} has no {comp.role}: its model_index.json lists no {comp.name!r}; "
+                    + _download_hint(id_or_path, comp.name)
+                )
+            out[comp.name] = None
+            continue
+        if local:
+            sub = folder / comp.name
+            marker = {"model": "config.json", "scheduler": "scheduler_config.json"}.get(comp.kind)
+            if not sub.is_dir() or (marker is not None and not (sub / marker).is_file()) or not any(sub.iterdir()):
+                raise ModelNotFoundError(
+                    f"{folder} is missing its {comp.role} ({comp.name}/); " + _download_hint(id_or_path, comp.name)
+                )
+        plan.append((comp, str(entry[0]), cls_name))
+
+    common: dict[str, Any] = {"revision": revision}
+    if local_files_only or _offline():
+        common["local_files_only"] = True
+    for comp, library, cls_name in plan:
+        try:
+            cls = getattr(importlib.import_module(library), cls_name)
+            kwargs = dict(common, subfolder=comp.name)
+            if comp.kind == "model":
+                kwargs["torch_dtype" if library == "diffusers" else "dtype"] = dtype
+            obj = cls.from_pretrained(id_or_path, **kwargs)
+        except (OSError, ValueError, ImportError, AttributeError, TypeError) as exc:
+            text = str(exc).strip()
+            first = text.splitlines()[0] if text else type(exc).__name__
+            raise ModelNotFoundError(f"cannot load the {comp.role} ({comp.name}) of {id_or_path}: {first}") from None
+        if comp.kind == "model":
+            obj = obj.to(device).eval().requires_grad_(False)
+        out[comp.name] = obj
+    return out
 
 
 def load_components(
@@ -89,7 +217,7 @@ def load_components(
     if found != family:
         raise UnsupportedModelError(f"{id_or_path} is a {found} model, not {family}")
     if family != "unet":
-        raise UnsupportedModelError(f"{_PLANNED.get(family, family)} models are not supported yet")
+        raise UnsupportedModelError(f"load_components loads UNet models; load {family} models with load_model")
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -140,10 +268,10 @@ def load_model(
 
         path = None if id_or_path == "toyworld" else id_or_path
         return ToyAdapter.from_pretrained(path, dtype=dtype, device=device, **kwargs)
-    index = read_model_index(id_or_path, local_files_only=kwargs.pop("local_files_only", None))
+    index = read_model_index(id_or_path, local_files_only=kwargs.get("local_files_only"))
     family = detect_family(index)
-    if family == "unet":
-        from attnseg.models.unet import UNetAdapter
+    from attnseg.models import import_builtin_adapters
+    from attnseg.models.base import ADAPTERS
 
-        return UNetAdapter.from_pretrained(id_or_path, dtype=dtype, device=device, **kwargs)
-    raise UnsupportedModelError(f"{_PLANNED.get(family, family)} models are not supported yet ({id_or_path})")
+    import_builtin_adapters()
+    return ADAPTERS.get(family).from_pretrained(id_or_path, dtype=dtype, device=device, **kwargs)
