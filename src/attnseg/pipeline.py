@@ -46,7 +46,8 @@ class AttentionSegmentationPipeline:
         adapter: a model adapter (see :func:`attnseg.load_model`).
         method: a :class:`~attnseg.methods.base.Segmenter` or a registered method name.
         mode: capture mode, ``"reuse"`` (fast) or ``"beside"`` (bit-identical model outputs).
-        **method_kwargs: hyper-parameters when ``method`` is a name.
+        **method_kwargs: hyper-parameters when ``method`` is a name; they override the model family's
+            recommended settings (``adapter.method_defaults(method)``, e.g. GoCA's reference layers on Flux).
 
     Example:
         >>> pipe = AttentionSegmentationPipeline.from_pretrained("toyworld", "diffseg")  # doctest: +SKIP
@@ -62,8 +63,10 @@ class AttentionSegmentationPipeline:
         mode: Literal["reuse", "beside"] = "reuse",
         **method_kwargs: Any,
     ) -> None:
-        if isinstance(method, str):
-            method = create_method(method, **method_kwargs)
+        if isinstance(method, str):  # the family's recommended settings, under the explicit ones
+            settings = getattr(adapter, "method_settings", None)
+            params = settings(method, method_kwargs)[0] if settings is not None else method_kwargs
+            method = create_method(method, **params)
         elif method_kwargs:
             raise ConfigError("hyper-parameters are given to the method's constructor, not with a method instance")
         self.adapter = adapter

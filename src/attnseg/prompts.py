@@ -108,7 +108,7 @@ def find_word(prompt: Prompt, word: str, *, occurrence: int = 0) -> TokenSpan:
     indices = tuple(
         i
         for i, ((a, b), s) in enumerate(zip(prompt.offsets, prompt.special, strict=True))
-        if not s and a < end and b > start
+        if not s and a < end and b > start and not _is_marker(prompt.tokens[i])
     )
     if not indices:
         raise TokenNotFoundError(
@@ -117,11 +117,17 @@ def find_word(prompt: Prompt, word: str, *, occurrence: int = 0) -> TokenSpan:
     return TokenSpan(text=word, start=start, end=end, indices=indices)
 
 
+def _is_marker(token: str) -> bool:
+    """A lone word-boundary piece (sentencepiece's ``"▁"``): it carries no word, though its offset may touch one."""
+    return bool(token) and not token.strip("▁")
+
+
 def content_tokens(prompt: Prompt) -> list[int]:
-    """Positions of content tokens: not special (start/end/padding), not a stop word, not punctuation."""
+    """Positions of content tokens: not special (start/end/padding), not a stop word, not punctuation, not a lone
+    sentencepiece word boundary ``"▁"``."""
     out = []
     for i, ((a, b), s) in enumerate(zip(prompt.offsets, prompt.special, strict=False)):
-        if s or i >= prompt.length:
+        if s or i >= prompt.length or _is_marker(prompt.tokens[i]):
             continue
         piece = prompt.text[a:b].strip().lower()  # sentencepiece offsets may include the leading space
         if piece in STOP_WORDS or _PUNCT.match(piece or ","):

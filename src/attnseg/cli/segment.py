@@ -83,8 +83,14 @@ def segment_cmd(
         seg = create_method(method, **kwargs)
         images_in = [load_image(p) for p in paths]  # fail on a bad image before loading the model
         adapter = load_model(model, dtype=dtype, device=device)
+        # the model family's recommended settings fill in what was not given
+        params, run = adapter.method_settings(method, kwargs)
+        if params != kwargs:
+            seg = create_method(method, **params)
         pipe = AttentionSegmentationPipeline(adapter, seg)
-        in_size = (size, size) if size else None
+        timestep = timestep if timestep is not None else run.get("timestep")
+        noise = noise if noise is not None else run.get("add_noise")
+        in_size = (size, size) if size else (tuple(run["size"]) if run.get("size") else None)
         smallest = adapter.latent_scale * 2
         for p, im in zip(paths, images_in, strict=True):
             if min(im.size) < smallest:

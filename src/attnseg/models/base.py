@@ -85,6 +85,15 @@ class DiffusionAdapter(ABC):
             params.update(copy.deepcopy(variants[variant]))
         return params
 
+    def method_settings(self, method: str, overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``(hyper-parameters, run options)`` for ``method``: :meth:`method_defaults` (for the variant in
+        ``overrides``, else the default one) with the explicit ``overrides`` on top."""
+        base = self.method_defaults(method)
+        variant = overrides.get("variant", base.get("variant"))
+        params = self.method_defaults(method, variant=variant) if variant is not None else base
+        run = params.pop("run", {})
+        return {**params, **overrides}, dict(run)
+
     # -- inputs --------------------------------------------------------------------------------
     @abstractmethod
     def preprocess(self, image: Image.Image, size: tuple[int, int] | None = None) -> torch.Tensor:
