@@ -117,20 +117,32 @@ def find_word(prompt: Prompt, word: str, *, occurrence: int = 0) -> TokenSpan:
     return TokenSpan(text=word, start=start, end=end, indices=indices)
 
 
+def _whole_word(text: str, start: int, end: int) -> str:
+    """The word of ``text`` that the span ``[start, end)`` lies in (a sub-word piece's whole word), lower-cased."""
+    while start < end and text[start].isspace():
+        start += 1
+    while start > 0 and text[start - 1].isalnum():
+        start -= 1
+    while end < len(text) and text[end].isalnum():
+        end += 1
+    return text[start:end].strip().lower()
+
+
 def _is_marker(token: str) -> bool:
     """A lone word-boundary piece (sentencepiece's ``"▁"``): it carries no word, though its offset may touch one."""
     return bool(token) and not token.strip("▁")
 
 
 def content_tokens(prompt: Prompt) -> list[int]:
-    """Positions of content tokens: not special (start/end/padding), not a stop word, not punctuation, not a lone
-    sentencepiece word boundary ``"▁"``."""
+    """Positions of content tokens: not special (start/end/padding), not part of a stop word (judged on the whole
+    word, so the piece ``"a"`` of ``"hippopotamus"`` stays), not punctuation, not a lone sentencepiece word
+    boundary ``"▁"``."""
     out = []
     for i, ((a, b), s) in enumerate(zip(prompt.offsets, prompt.special, strict=False)):
         if s or i >= prompt.length or _is_marker(prompt.tokens[i]):
             continue
         piece = prompt.text[a:b].strip().lower()  # sentencepiece offsets may include the leading space
-        if piece in STOP_WORDS or _PUNCT.match(piece or ","):
+        if _whole_word(prompt.text, a, b) in STOP_WORDS or _PUNCT.match(piece or ","):
             continue
         out.append(i)
     return out
