@@ -207,7 +207,8 @@ class Prompt:
         tokens: the token strings, length ``T`` (padding included).
         token_ids: ``(T,)`` ids.
         offsets: per token the ``(start, end)`` character span in ``text``; ``(0, 0)`` for special tokens.
-        special: per token True for start/end/padding tokens.
+        special: per token True for start/end/padding tokens (T5: ``</s>`` and ``<pad>``; it has no start token),
+            and for tokens that word lookup must not read (SD3: the T5 part when words are read from CLIP).
         length: number of non-padding tokens (start and end included).
         extra: model-specific conditioning (e.g. SDXL pooled embeddings).
     """
