@@ -125,8 +125,8 @@ def test_recommended_layers_exist_on_the_reference_architecture(meta_adapters, f
     layers = adapter.attention_layers()
     for variant in ("goca", "vanilla", "baseline"):
         params = adapter.method_defaults("goca", variant=variant)
-        assert params == adapter.recommended["goca"] | adapter.recommended["goca"].get("variants", {}).get(variant, {}) \
-            or "variants" not in params
+        rec = dict(adapter.recommended["goca"])
+        assert params == {k: v for k, v in rec.items() if k != "variants"} | rec.get("variants", {}).get(variant, {})
         for name in params.get("refine_layers", []):
             assert layers[name].kind == "self"
         for name in params.get("cross_layers", []):
@@ -342,7 +342,8 @@ def test_t5_word_lookup_with_a_trained_sentencepiece_model():
     spm = pytest.importorskip("sentencepiece")
     import io
 
-    words = "a photo of the cat dog grass wall sky tree with on red blue man moon hut , .".split()
+    words = ["a", "photo", "of", "the", "cat", "dog", "grass", "wall", "sky", "tree", "with", "on", "red", "blue",
+             "man", "moon", "hut", ",", "."]
     rng = np.random.default_rng(0)
     corpus = [" ".join(rng.choice(words, 8)) for _ in range(300)]
     buf = io.BytesIO()
@@ -465,3 +466,45 @@ def test_flow_noise_and_img2img_capture(tiny_dits, rgb_image):
     expected = np.exp(mu) / (np.exp(mu) + 1 / s - 1) * 1000
     np.testing.assert_allclose(cap.timesteps, expected, rtol=1e-5)
     assert cap.store.self_attention()
+
+
+def test_a_pixel_space_flux_subclass_reuses_capture_and_description(rgb_image):
+    """The override points of FluxAdapter: pixel space (3 channels packed 2x2 into 12), and a pooled vector made
+    from the text states; capture, layer description and methods come unchanged from the base class."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+    from attnseg.models.flux import FluxAdapter
+    from attnseg.pipeline import AttentionSegmentationPipeline
+    from attnseg.testing import _t5_encoder, t5_tokenizer
+
+    class PixelFlux(FluxAdapter):
+        family = "flux"
+
+        @property
+        def latent_scale(self) -> int:
+            return 1
+
+        @property
+        def latent_channels(self) -> int:
+            return 3
+
+        def encode_image(self, pixels, *, sample=False, generator=None):
+            return pixels.to(self.device, self.dtype)
+
+        def decode(self, latents):
+            return latents.float().clamp(-1, 1)
+
+        def pooled_projection(self, text, states):
+            return states.mean(1)
+
+    torch.manual_seed(0)
+    tok = t5_tokenizer()
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=12, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(2, 2, 4),
+    ).eval().requires_grad_(False)
+    adapter = PixelFlux(transformer, None, None, None, _t5_encoder(len(tok), 32).requires_grad_(False), tok,
+                        FlowMatchEulerDiscreteScheduler(), resolution=16)
+    assert adapter.attention_layers()["transformer_blocks.0.attn"].grid == (8, 8)  # 16 px, 2x2 pixels per token
+    out = AttentionSegmentationPipeline(adapter, "goca", classes="cat, grass").run(rgb_image, seed=0)
+    assert out.result.labels.shape == (16, 16) and out.store.meta["goca"]["head_method"] == "average"

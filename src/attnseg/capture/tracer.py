@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from attnseg.capture.joint import JOINT_PROCESSORS, JointCaptureProcessor
@@ -165,8 +166,10 @@ class AttentionTracer:
                 modules[name] = (info, {})
                 continue
             source = self.all_layers.get(info.module)
-            if source is None or source.kind != "joint":
-                raise AttnSegError(f"{name} is a part of {info.module!r}, which the layer description lacks")
+            if source is None:  # a part carries its joint layer's description
+                source = replace(info, name=info.module, kind="joint", part="", module="", rows_sum_to_one=True)
+            if source.kind != "joint":
+                raise AttnSegError(f"{name} is a part of {info.module!r}, which is not a joint-attention layer")
             modules.setdefault(info.module, (source, {}))[1][info.part] = info
         return modules
 
