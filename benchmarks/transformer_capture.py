@@ -107,7 +107,9 @@ def build(family: str) -> torch.nn.Module:
     return random_init(model.to(DTYPE))
 
 
-def run_case(family: str, model: torch.nn.Module, size: int, repeats: int, tok: Any) -> dict[str, Any]:
+def run_case(
+    family: str, model: torch.nn.Module, size: int, repeats: int, tok: Any, *, warmup: bool = True
+) -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
     if family == "flux":
         text = 512
@@ -175,7 +177,7 @@ def run_case(family: str, model: torch.nn.Module, size: int, repeats: int, tok: 
 
     runs = {"plain": plain, "diffseg": run_diffseg, "goca": run_goca}
     with torch.no_grad():
-        reference = forward()  # warm-up
+        reference = forward() if warmup else None  # warm-up (skipped where one forward takes minutes)
         fwd: dict[str, list[float]] = {k: [] for k in runs}
         post: dict[str, list[float]] = {k: [] for k in runs}
         peaks: dict[str, list[int]] = {k: [] for k in runs}
@@ -189,6 +191,8 @@ def run_case(family: str, model: torch.nn.Module, size: int, repeats: int, tok: 
                 fwd[name].append(f)
                 post[name].append(p)
                 peaks[name].append(sampler.delta)
+                if reference is None:
+                    reference = out
                 diffs[name] = float((out.float() - reference.float()).abs().max())
                 infos[name] = info
                 del out
@@ -236,7 +240,7 @@ def full_flux_estimate(size: int = 1024) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats below 1024 px")
+    parser.add_argument("--repeats", type=int, default=1, help="interleaved repeats below 1024 px")
     parser.add_argument("--repeats-1024", type=int, default=1, help="interleaved repeats at 1024 px (slow on a CPU)")
     parser.add_argument("--stacks", nargs="+", default=["flux", "pixart"])
     args = parser.parse_args()
@@ -249,7 +253,7 @@ def main() -> None:
         print(f"{family}: built in {time.perf_counter() - t0:.0f} s", flush=True)
         for size in ((512, 1024) if family == "flux" else (1024,)):
             reps = args.repeats_1024 if size >= 1024 else args.repeats
-            case = run_case(family, model, size, reps, tok)
+            case = run_case(family, model, size, reps, tok, warmup=size < 1024 or family != "flux")
             cases.append(case)
             for name, r in case["results"].items():
                 print(f"{family:6s} {size:5d} {name:8s} fwd {r['forward_seconds_median']:7.2f} s  "
@@ -270,8 +274,9 @@ def main() -> None:
         "capture_mode": "reuse",
         "threads": args.threads,
         "note": (f"{args.repeats} interleaved repeat(s) below 1024 px and {args.repeats_1024} at 1024 px on this "
-                 "2-core CPU (a 1024 px Flux-shaped forward takes minutes here); medians over the repeats. Ratios "
-                 "divide by the plain forward's median in the same run."),
+                 "2-core CPU, one thread (a 1024 px Flux-shaped forward takes minutes here); medians over the "
+                 "repeats; a warm-up forward before each case except Flux at 1024 px. Ratios divide by the plain "
+                 "forward's median in the same run. Single runs on a shared machine: read ratios to about +-5%."),
         "torch": torch.__version__,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "full_flux1_estimate_1024px": full_flux_estimate(),

@@ -175,6 +175,8 @@ class AttentionTracer:
 
     def _feature_hook(self, name: str) -> Callable[..., None]:
         info = self.all_layers.get(name)
+        if info is None:  # described only through its parts
+            info = next((i for i in self.all_layers.values() if i.module == name), None)
         joined = info is not None and info.joined
 
         def hook(module: Any, args: Any, output: Any) -> None:
