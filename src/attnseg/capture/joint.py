@@ -221,8 +221,12 @@ class JointCaptureProcessor:
         bias = _additive_mask(mask, s)
         row_bytes = b * s * 4
         chunk_bytes = self.chunk_bytes or (_CPU_BLOCK if q.device.type == "cpu" else _DEVICE_BLOCK)
-        q = q * scale
-        out = torch.empty_like(v) if compute_output else None
+        out_dtype = v.dtype
+        # Heads arrive as transposed views of (B, S, H, d); blocks of contiguous (B, H, S, d) are several times
+        # faster to multiply (measured on the CPU in bfloat16).
+        q = (q * scale).contiguous()
+        k, v = k.contiguous(), v.contiguous()
+        out = torch.empty(v.shape, dtype=out_dtype, device=v.device) if compute_output else None
         want_text_rows = compute_output or "text->image" in self.parts
         groups: list[tuple[str, tuple[int, int]]] = [("image", image)]
         if want_text_rows and text[1] > text[0]:
@@ -248,7 +252,7 @@ class JointCaptureProcessor:
                     if compute_output or (self.want_outputs and targets):
                         chunk_out = torch.matmul(probs.to(vc.dtype), vc)
                         if out is not None:
-                            out[:, hs, qs] = chunk_out
+                            out[:, hs, qs] = chunk_out.to(out_dtype)
                     rel = slice(q0 - r0, qs.stop - r0)
                     for part, (c0, c1) in targets:
                         piece = probs[..., c0:c1]

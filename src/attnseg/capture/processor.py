@@ -185,7 +185,9 @@ class CaptureProcessor:
         min_rows = min(nq, 16) if split_queries else nq
         head_step = max(1, min(h, chunk_bytes // max(row_bytes * min_rows, 1)))
         q_step = max(min_rows, chunk_bytes // max(row_bytes * head_step, 1)) if split_queries else nq
-        q = q * scale  # scaling q (N x d) is cheaper than scaling the N x N scores
+        q = (q * scale).contiguous()  # scaling q (N x d) is cheaper than scaling the N x N scores
+        # heads arrive as transposed views; contiguous blocks multiply several times faster (CPU, bfloat16)
+        k, v = k.contiguous(), v.contiguous()
         out = torch.empty_like(v[..., :1, :].expand(b, h, nq, d)) if compute_output else None
         for h0 in range(0, h, head_step):
             hs = slice(h0, min(h, h0 + head_step))
