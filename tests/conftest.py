@@ -99,3 +99,20 @@ def rgb_image(tmp_path) -> Path:
     path = tmp_path / "two-halves.png"
     Image.fromarray(arr).save(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dits():
+    """One tiny random adapter per diffusion-transformer family (32 px input: an 8x8 token grid)."""
+    from attnseg.testing import tiny_transformer_adapter
+
+    return {family: tiny_transformer_adapter(family) for family in ("pixart", "sd3", "flux")}
+
+
+@pytest.fixture(scope="session")
+def tiny_dit_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random diffusion-transformer models saved as diffusers folders, one per family."""
+    from attnseg.testing import save_tiny_transformer
+
+    root = tmp_path_factory.mktemp("dit-models")
+    return {family: save_tiny_transformer(root / family, family) for family in ("pixart", "sd3", "flux")}

@@ -57,7 +57,7 @@ class CaptureOutput:
 
     store: AttentionStore
     image: Image.Image
-    timesteps: tuple[int, ...]
+    timesteps: tuple[int | float, ...]
     placement: Placement | None = None
     source: Image.Image | None = None
 
@@ -79,21 +79,28 @@ class GenerationOutput:
     store: AttentionStore
     result: SegmentationResult
     clustering: ClusteringResult | None
-    timesteps: tuple[int, ...]
+    timesteps: tuple[int | float, ...]
 
 
-def make_scheduler(adapter: DiffusionAdapter, scheduler: SchedulerKind | Any = "ddim") -> Any:
+def make_scheduler(
+    adapter: DiffusionAdapter, scheduler: SchedulerKind | Any = "ddim", *, size: tuple[int, int] | None = None
+) -> Any:
     """A fresh sampling scheduler on the adapter's training schedule.
 
     Args:
         adapter: its ``scheduler.config`` (a diffusers scheduler's) gives betas, prediction type, timestep
-            spacing and offset.
+            spacing and offset. An adapter with a ``sampling_scheduler(kind, size)`` method (flow-matching models)
+            builds its own for a named kind.
         scheduler: ``"ddim"`` (deterministic, eta 0) or ``"ddpm"`` (stochastic), built with ``from_config`` from
             the adapter's config; or a diffusers scheduler instance, used as it is.
+        size: ``(H, W)`` of the run (resolution-dependent schedules).
 
     Returns:
         A diffusers scheduler (``set_timesteps`` not yet called).
     """
+    own = getattr(adapter, "sampling_scheduler", None)
+    if isinstance(scheduler, str) and own is not None:
+        return own(scheduler, size)
     if not isinstance(scheduler, str):
         if not hasattr(scheduler, "set_timesteps") or not hasattr(scheduler, "step"):
             raise ConfigError(f"scheduler must be 'ddim', 'ddpm' or a diffusers scheduler, got {scheduler!r}")
@@ -140,6 +147,12 @@ def _decode(adapter: DiffusionAdapter, latents: torch.Tensor) -> torch.Tensor:
         if adapter.latent_scale == 1 and latents.shape[1] == 3:
             return latents.float().clamp(-1, 1)
         raise UnsupportedModelError(f"{type(adapter).__name__} cannot decode latents into an image") from None
+
+
+def _timestep(t: Any) -> int | float:
+    """A grid timestep as the adapters take it: an int on integer grids (DDPM/DDIM), a float on flow grids."""
+    value = float(t)
+    return int(value) if value.is_integer() else value
 
 
 def _step(sched: Any, eps: torch.Tensor, t: Any, latents: torch.Tensor, generator: torch.Generator | None) -> Any:
@@ -204,16 +217,16 @@ def img2img_capture(
             f"strength={strength} x num_inference_steps={steps} runs no step (int({steps * strength:g}) = 0); "
             "raise either"
         )
-    sched = make_scheduler(adapter, scheduler)
+    prepared = prepare_image(adapter, image, size=size, fit=fit, method=method)
+    size = prepared.placement.model  # the schedule may depend on it (flow matching's resolution shift)
+    sched = make_scheduler(adapter, scheduler, size=size)
     sched.set_timesteps(steps)
     order = int(getattr(sched, "order", 1))
     timesteps = list(sched.timesteps[(steps - kept) * order :])
-    ts = tuple(int(t) for t in timesteps)
+    ts = tuple(_timestep(t) for t in timesteps)
 
     opts = method.run_options()
     text = opts.prompt if prompt is None else prompt
-    prepared = prepare_image(adapter, image, size=size, fit=fit, method=method)
-    size = prepared.placement.model
     generator = _generator(seed, generator)
     encoded = adapter.encode_prompt(text)
     layers = adapter.attention_layers(size)
@@ -236,9 +249,9 @@ def img2img_capture(
     for i, t in enumerate(timesteps):
         if i == len(timesteps) - 1:
             with AttentionTracer(adapter, store, select=selected, layers=layers, mode=mode):
-                adapter.denoise(latents, int(t), encoded)
+                adapter.denoise(latents, _timestep(t), encoded)
             break  # the captured call's update is never used
-        eps = adapter.denoise(latents, int(t), encoded)
+        eps = adapter.denoise(latents, _timestep(t), encoded)
         latents = _step(sched, eps, t, latents, generator)
     store.meta["denoise_seconds"] = round(time.perf_counter() - start, 4)
     return CaptureOutput(store=store, image=prepared.shown, timesteps=ts, placement=prepared.placement,
@@ -319,16 +332,16 @@ def generate(
     half = getattr(method, "cfg_half", "cond")
     if cfg and not batched and half == "both":
         raise ConfigError("cfg_half='both' needs batched=True (both halves in one call)")
-    sched = make_scheduler(adapter, scheduler)
+    size = size or adapter.resolution
+    sched = make_scheduler(adapter, scheduler, size=size)
     sched.set_timesteps(num_inference_steps)
     timesteps = list(sched.timesteps)
-    ts = tuple(int(t) for t in timesteps)
+    ts = tuple(_timestep(t) for t in timesteps)
 
-    size = size or adapter.resolution
     generator = _generator(seed, generator)
     shape = _latent_shape(adapter, size)
     noise = torch.randn(shape, generator=generator, device=generator.device if generator else "cpu")
-    latents = (noise * float(sched.init_noise_sigma)).to(adapter.device, adapter.dtype)
+    latents = (noise * float(getattr(sched, "init_noise_sigma", 1.0))).to(adapter.device, adapter.dtype)
     cond = adapter.encode_prompt(prompt)
     uncond = adapter.encode_prompt(negative_prompt) if cfg else None
     both = _stack_prompts(uncond, cond) if cfg and batched and uncond is not None else None
@@ -352,7 +365,7 @@ def generate(
     check_capture_memory(store, {n: layers[n] for n in selected}, adapter=adapter, method=method,
                          batch=2 if cfg and batched else 1, text_tokens=int(cond.embeddings.shape[1]), size=size)
 
-    def traced(last: bool, x: torch.Tensor, t: int, p: Prompt) -> torch.Tensor:
+    def traced(last: bool, x: torch.Tensor, t: int | float, p: Prompt) -> torch.Tensor:
         if not last:
             return adapter.denoise(x, t, p)
         with AttentionTracer(adapter, store, select=selected, layers=layers, mode=mode):
@@ -361,17 +374,18 @@ def generate(
     start = time.perf_counter()
     for i, t in enumerate(timesteps):
         last = i == len(timesteps) - 1
-        x = sched.scale_model_input(latents, t)
+        x = sched.scale_model_input(latents, t) if hasattr(sched, "scale_model_input") else latents
+        tv = _timestep(t)
         if not cfg:
-            eps = traced(last, x, int(t), cond)
+            eps = traced(last, x, tv, cond)
         elif batched:
             assert both is not None
-            eps_u, eps_c = traced(last, torch.cat([x, x]), int(t), both).chunk(2)
+            eps_u, eps_c = traced(last, torch.cat([x, x]), tv, both).chunk(2)
             eps = eps_u + guidance_scale * (eps_c - eps_u)
         else:
             assert uncond is not None
-            eps_u = traced(last and half == "uncond", x, int(t), uncond)
-            eps_c = traced(last and half == "cond", x, int(t), cond)
+            eps_u = traced(last and half == "uncond", x, tv, uncond)
+            eps_c = traced(last and half == "cond", x, tv, cond)
             eps = eps_u + guidance_scale * (eps_c - eps_u)
         latents = _step(sched, eps, t, latents, generator)
     store.meta["denoise_seconds"] = round(time.perf_counter() - start, 4)

@@ -181,9 +181,10 @@ class AttentionSegmentationPipeline:
         mode: capture mode, ``"reuse"`` (fast) or ``"beside"`` (bit-identical model outputs).
         fit: how images are placed in the model input (default ``"pad"``: nothing lost, see
             :mod:`attnseg.io.geometry`); :meth:`run` can override it per call.
-        preset: when ``method`` is a name, ``"family"`` (default) applies the adapter's recommended settings for
-            it (hyper-parameters and run options such as the input size), ``"paper"`` the paper's exact settings;
-            see :mod:`attnseg.presets`. Keywords given here win over either.
+        preset: when ``method`` is a name, ``"family"`` (default) applies the model family's settings for it
+            (``adapter.method_defaults``: hyper-parameters, the variant's overrides, layer names mapped to the
+            model's depth, and run options such as the input size), ``"paper"`` the paper's exact settings; see
+            :func:`attnseg.presets.resolve_settings`. Keywords given here win over either.
         **method_kwargs: hyper-parameters when ``method`` is a name.
 
     Example:
@@ -206,9 +207,7 @@ class AttentionSegmentationPipeline:
         from attnseg.presets import ResolvedSettings, resolve_settings
 
         if isinstance(method, str):
-            self.settings = resolve_settings(
-                method, getattr(adapter, "recommended", None), preset=preset, params=method_kwargs
-            )
+            self.settings = resolve_settings(method, adapter, preset=preset, params=method_kwargs)
             method = create_method(method, **self.settings.params)
         elif method_kwargs:
             raise ConfigError("hyper-parameters are given to the method's constructor, not with a method instance")
@@ -401,7 +400,11 @@ class AttentionSegmentationPipeline:
         return other
 
     def prompt_fitting(self, text: str, words: Any) -> list[bool]:
-        """Per word of ``words``: does the model's tokenizer keep all of it when encoding ``text``?"""
+        """Per word of ``words``: does the model's text encoder see all of it in ``text``
+        (:meth:`~attnseg.models.base.DiffusionAdapter.prompt_fitting`)?"""
+        fitting = getattr(self.adapter, "prompt_fitting", None)
+        if fitting is not None:
+            return list(fitting(text, words))
         from attnseg.prompts import words_within
 
         return words_within(self.adapter.encode_prompt(text), words)

@@ -6,10 +6,13 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from attnseg.errors import TokenNotFoundError
+from attnseg.errors import ConfigError, TokenNotFoundError
 from attnseg.types import Prompt, TokenSpan
 
-__all__ = ["STOP_WORDS", "Tokenized", "content_tokens", "find_word", "tokenize", "unknown_words", "words_within"]
+__all__ = [
+    "STOP_WORDS", "Tokenized", "check_prompt_length", "content_tokens", "find_word", "tokenize", "unknown_words",
+    "words_fitting", "words_within",
+]
 
 # Skipped as "content" (GoCA's reference skips these, plus punctuation and special tokens).
 STOP_WORDS = frozenset({"a", "an", "the", "and", "of", "with", "in", "on", "at", "to", "photo", "picture", "image"})
@@ -38,6 +41,11 @@ def tokenize(tokenizer: Any, text: str, max_length: int | None = None) -> Tokeni
 
     Works with Hugging Face tokenizers that return offsets (CLIP, T5 fast tokenizers) and with
     tokenizers that provide ``encode_with_offsets(text, max_length)`` (attnseg's word-level toy tokenizer).
+
+    Special tokens (start, end, padding; T5 has no start token and ends with ``</s>``) are flagged in
+    ``special`` and get the offset ``(0, 0)``, so no word lookup ever returns them. A word that the tokenizer
+    splits into several pieces (BPE, sentencepiece) keeps one offset per piece, so :func:`find_word` maps it to
+    all of them.
     """
     if hasattr(tokenizer, "encode_with_offsets"):
         return tokenizer.encode_with_offsets(text, max_length)
@@ -58,6 +66,25 @@ def tokenize(tokenizer: Any, text: str, max_length: int | None = None) -> Tokeni
         eos = tokenizer.eos_token_id
         length = ids.index(eos) + 1 if eos in ids else len(ids)
     return Tokenized(ids, tuple(tokenizer.convert_ids_to_tokens(list(ids))), offsets, special, length)
+
+
+def check_prompt_length(tokenizer: Any, text: str, max_length: int, what: str = "the text encoder") -> int:
+    """The number of tokens ``text`` makes (special tokens included), or a one-line error when it exceeds
+    ``max_length`` (instead of silent truncation, which would drop the words at the end).
+
+    Raises:
+        ConfigError: the prompt is longer than ``max_length`` tokens.
+    """
+    try:
+        count = len(tokenizer(text, truncation=False)["input_ids"])
+    except (TypeError, KeyError):  # tokenizers without the Hugging Face call signature: nothing to check here
+        return 0
+    if count > max_length:
+        raise ConfigError(
+            f"the prompt has {count} tokens but {what} takes at most {max_length}; shorten the prompt "
+            "(or list fewer classes)"
+        )
+    return count
 
 
 def _word_spans(text: str, word: str) -> list[tuple[int, int]]:
@@ -84,7 +111,7 @@ def find_word(prompt: Prompt, word: str, *, occurrence: int = 0) -> TokenSpan:
     indices = tuple(
         i
         for i, ((a, b), s) in enumerate(zip(prompt.offsets, prompt.special, strict=True))
-        if not s and a < end and b > start
+        if not s and a < end and b > start and not _is_marker(prompt.tokens[i])
     )
     if not indices:
         raise TokenNotFoundError(
@@ -93,29 +120,57 @@ def find_word(prompt: Prompt, word: str, *, occurrence: int = 0) -> TokenSpan:
     return TokenSpan(text=word, start=start, end=end, indices=indices)
 
 
-def words_within(prompt: Prompt, words: Any) -> list[bool]:
-    """Per word (first occurrence in ``prompt.text``): True when all of it lies within the tokens the tokenizer kept.
+def words_within(prompt: Prompt | Tokenized, words: Any, *, text: str | None = None) -> list[bool]:
+    """Per word (first occurrence in the prompt's text): True when all of it lies within the tokens the tokenizer
+    kept.
 
     A word the tokenizer's length limit cut off, entirely or in part, gives False; so does a word not in the text.
+    ``prompt`` is an encoded :class:`~attnseg.types.Prompt`, or a :class:`Tokenized` with its ``text``.
     """
+    text = prompt.text if text is None else text  # type: ignore[union-attr]
     kept = [b for i, ((_, b), s) in enumerate(zip(prompt.offsets, prompt.special, strict=True))
             if not s and i < prompt.length]
     last = max(kept, default=0)
     out = []
     for word in words:
-        spans = _word_spans(prompt.text, str(word).strip())
+        spans = _word_spans(text, str(word).strip())
         out.append(bool(spans) and spans[0][1] <= last)
     return out
 
 
+def words_fitting(tokenizer: Any, text: str, words: Any, max_length: int) -> list[bool]:
+    """:func:`words_within` for ``text`` cut at ``max_length`` tokens by ``tokenizer``, without encoding it: which
+    words a text encoder that takes at most ``max_length`` tokens would see (for models that refuse longer prompts,
+    see :func:`check_prompt_length`)."""
+    return words_within(tokenize(tokenizer, text, max_length), words, text=text)
+
+
+def _whole_word(text: str, start: int, end: int) -> str:
+    """The word of ``text`` that the span ``[start, end)`` lies in (a sub-word piece's whole word), lower-cased."""
+    while start < end and text[start].isspace():
+        start += 1
+    while start > 0 and text[start - 1].isalnum():
+        start -= 1
+    while end < len(text) and text[end].isalnum():
+        end += 1
+    return text[start:end].strip().lower()
+
+
+def _is_marker(token: str) -> bool:
+    """A lone word-boundary piece (sentencepiece's ``"▁"``): it carries no word, though its offset may touch one."""
+    return bool(token) and not token.strip("▁")
+
+
 def content_tokens(prompt: Prompt) -> list[int]:
-    """Positions of content tokens: not special (start/end/padding), not a stop word, not punctuation."""
+    """Positions of content tokens: not special (start/end/padding), not part of a stop word (judged on the whole
+    word, so the piece ``"a"`` of ``"hippopotamus"`` stays), not punctuation, not a lone sentencepiece word
+    boundary ``"▁"``."""
     out = []
     for i, ((a, b), s) in enumerate(zip(prompt.offsets, prompt.special, strict=False)):
-        if s or i >= prompt.length:
+        if s or i >= prompt.length or _is_marker(prompt.tokens[i]):
             continue
-        piece = prompt.text[a:b].lower()
-        if piece in STOP_WORDS or _PUNCT.match(piece or ","):
+        piece = prompt.text[a:b].strip().lower()  # sentencepiece offsets may include the leading space
+        if _whole_word(prompt.text, a, b) in STOP_WORDS or _PUNCT.match(piece or ","):
             continue
         out.append(i)
     return out

@@ -22,8 +22,14 @@ __all__ = [
     "SDXL_UNET_CONFIG",
     "clip_tokenizer",
     "save_tiny_sd",
+    "save_tiny_transformer",
+    "t5_tokenizer",
+    "tiny_flux_components",
+    "tiny_pixart_components",
+    "tiny_sd3_components",
     "tiny_sd_adapter",
     "tiny_sd_components",
+    "tiny_transformer_adapter",
 ]
 
 
@@ -160,3 +166,194 @@ SDXL_UNET_CONFIG: dict[str, Any] = {
     "projection_class_embeddings_input_dim": 2816, "use_linear_projection": True, "in_channels": 4,
     "out_channels": 4, "layers_per_block": 2, "norm_num_groups": 32, "sample_size": 128,
 }
+
+
+# -- diffusion transformers -------------------------------------------------------------------------------------------
+
+# Words of the tiny T5 vocabulary (the prompts of the tests and examples), punctuation included.
+_T5_WORDS = (
+    "a", "an", "the", "photo", "picture", "image", "of", "with", "and", "on", "in", "at", "is", "cat", "dog",
+    "grass", "wall", "sky", "tree", "person", "car", "road", "man", "hair", "detailed", "red", "blue", "green",
+    "background", "house", "water", "field", "table", "chair", "bird", "horse", "boat", ",", ".", "(", ")", "-",
+)
+
+
+def t5_tokenizer(model_max_length: int = 32, *, vocab_size: int = 120, extra_text: tuple[str, ...] = ()) -> Any:
+    """A small T5-style tokenizer trained offline: a sentencepiece **unigram** model learnt from sentences of a
+    fixed word list (plus ``extra_text``), wrapped as a fast ``T5TokenizerFast`` (``<pad>`` 0, ``</s>`` 1, ``<unk>``
+    2, no start token, ``</s>`` appended, ``"▁"`` word-boundary pieces). Words outside the list split into several
+    pieces, as rare words do in T5's vocabulary.
+
+    Needs the ``sentencepiece`` package (``pip install attnseg[test]``).
+    """
+    import io
+    import random
+
+    try:
+        import sentencepiece as spm
+    except ImportError as exc:  # pragma: no cover - a test dependency
+        raise AttnSegError("the tiny T5 tokenizer is trained with sentencepiece: pip install sentencepiece") from exc
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    rng = random.Random(0)
+    sentences = [" ".join(rng.choice(_T5_WORDS) for _ in range(8)) for _ in range(400)] + list(extra_text)
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=buf, vocab_size=vocab_size, model_type="unigram",
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, hard_vocab_limit=False, minloglevel=2,
+    )
+    sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
+    vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(
+        tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0,
+        model_max_length=model_max_length,
+    )
+
+
+def _t5_encoder(vocab: int, d_model: int) -> Any:
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(vocab_size=vocab, d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                      relative_attention_num_buckets=8, dropout_rate=0.0, is_encoder_decoder=False)
+    return T5EncoderModel(config).eval()
+
+
+def _tiny_vae(latent_channels: int, **kwargs: Any) -> Any:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(8, 16), in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=latent_channels, norm_num_groups=8, **kwargs,
+    ).eval()
+
+
+def _clip_text(with_projection: bool, hidden: int) -> Any:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_size=hidden, intermediate_size=37,
+        num_attention_heads=4, num_hidden_layers=2, vocab_size=49408, max_position_embeddings=77,
+        projection_dim=hidden,
+    )
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config).eval()
+
+
+def _frozen(comps: dict[str, Any]) -> dict[str, Any]:
+    for v in comps.values():
+        if isinstance(v, torch.nn.Module):
+            v.requires_grad_(False)
+    return comps
+
+
+def tiny_pixart_components(*, seed: int = 0, sample_size: int = 16, layers: int = 2) -> dict[str, Any]:
+    """Random PixArt-style components with the real block types: ``PixArtTransformer2DModel`` (2 heads x 8,
+    patch 2, learned variance), a 4-channel VAE (x2), a T5 encoder over :func:`t5_tokenizer`, DDPM schedule."""
+    from diffusers import DDPMScheduler, PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    tokenizer = t5_tokenizer()
+    t5_dim = 32
+    comps = {
+        "transformer": PixArtTransformer2DModel(
+            num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=layers,
+            cross_attention_dim=16, caption_channels=t5_dim, sample_size=sample_size, patch_size=2,
+            norm_type="ada_norm_single", num_embeds_ada_norm=1000, use_additional_conditions=False,
+            interpolation_scale=1,
+        ).eval(),
+        "vae": _tiny_vae(4, scaling_factor=0.13025),
+        "text_encoder": _t5_encoder(len(tokenizer), t5_dim),
+        "tokenizer": tokenizer,
+        "scheduler": DDPMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear"),
+    }
+    return _frozen(comps)
+
+
+def tiny_sd3_components(*, seed: int = 0, sample_size: int = 16, layers: int = 2, t5: bool = True) -> dict[str, Any]:
+    """Random SD3.5-style components: ``SD3Transformer2DModel`` (joint blocks, the first with SD3.5's second
+    attention, q/k RMS norms, 2 heads x 8), CLIP-L and CLIP-G with projections over the real CLIP tokenizer, T5
+    (optional), a 4-channel VAE with shift and scale, flow-matching scheduler (shift 3)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    clip_dim, joint = 16, 32
+    comps: dict[str, Any] = {
+        "transformer": SD3Transformer2DModel(
+            sample_size=sample_size, patch_size=2, in_channels=4, out_channels=4, num_layers=layers,
+            attention_head_dim=8, num_attention_heads=2, joint_attention_dim=joint, caption_projection_dim=16,
+            pooled_projection_dim=2 * clip_dim, pos_embed_max_size=sample_size, dual_attention_layers=(0,),
+            qk_norm="rms_norm",
+        ).eval(),
+        "vae": _tiny_vae(4, scaling_factor=1.5305, shift_factor=0.0609),
+        "text_encoder": _clip_text(True, clip_dim),
+        "tokenizer": clip_tokenizer(),
+        "text_encoder_2": _clip_text(True, clip_dim),
+        "tokenizer_2": clip_tokenizer(),
+        "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0),
+        "text_encoder_3": None,
+        "tokenizer_3": None,
+    }
+    if t5:
+        tok = t5_tokenizer()
+        comps["tokenizer_3"] = tok
+        comps["text_encoder_3"] = _t5_encoder(len(tok), joint)
+    return _frozen(comps)
+
+
+def tiny_flux_components(
+    *, seed: int = 0, layers: int = 2, single_layers: int = 2, guidance: bool = True
+) -> dict[str, Any]:
+    """Random Flux-style components: ``FluxTransformer2DModel`` (double- and single-stream blocks, RoPE over
+    2 + 2 + 4 channels, 2 heads x 8, guidance embedding like Flux.1-dev), CLIP (pooled), T5 over
+    :func:`t5_tokenizer` (32 tokens), a 4-channel VAE with shift and scale (packed 2x2 into 16 channels), and the
+    dynamic-shift flow-matching scheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    tokenizer = t5_tokenizer()
+    t5_dim, clip_dim = 32, 16
+    comps = {
+        "transformer": FluxTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=layers, num_single_layers=single_layers, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=t5_dim, pooled_projection_dim=clip_dim,
+            guidance_embeds=guidance, axes_dims_rope=(2, 2, 4),
+        ).eval(),
+        "vae": _tiny_vae(4, scaling_factor=0.3611, shift_factor=0.1159),
+        "text_encoder": _clip_text(False, clip_dim),
+        "tokenizer": clip_tokenizer(),
+        "text_encoder_2": _t5_encoder(len(tokenizer), t5_dim),
+        "tokenizer_2": tokenizer,
+        "scheduler": FlowMatchEulerDiscreteScheduler(
+            shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+            max_image_seq_len=4096,
+        ),
+    }
+    return _frozen(comps)
+
+
+_TINY = {"pixart": tiny_pixart_components, "sd3": tiny_sd3_components, "flux": tiny_flux_components}
+
+
+def tiny_transformer_adapter(family: str, *, resolution: int = 32, **kwargs: Any) -> Any:
+    """A tiny random adapter of a transformer family (``"pixart"``, ``"sd3"``, ``"flux"``) at ``resolution`` px."""
+    from attnseg.models import import_builtin_adapters
+    from attnseg.models.base import ADAPTERS
+
+    import_builtin_adapters()
+    comps = _TINY[family](**kwargs)
+    return ADAPTERS.get(family)(**comps, resolution=resolution, name=f"tiny-random-{family}")
+
+
+def save_tiny_transformer(path: str | Path, family: str, **kwargs: Any) -> Path:
+    """Write a tiny random model of a transformer family as a diffusers folder (``model_index.json`` + components)."""
+    from diffusers import FluxPipeline, PixArtSigmaPipeline, StableDiffusion3Pipeline
+
+    comps = _TINY[family](**kwargs)
+    pipe_cls = {"pixart": PixArtSigmaPipeline, "sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}[family]
+    path = Path(path)
+    pipe_cls(**comps).save_pretrained(path)
+    return path

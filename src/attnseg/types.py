@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "PART_KINDS",
     "AttentionKind",
     "LayerInfo",
     "Position",
@@ -25,23 +26,52 @@ __all__ = [
     "TokenSpan",
 ]
 
-AttentionKind = Literal["self", "cross", "joint"]
+AttentionKind = Literal["self", "cross", "joint", "reverse"]
 Position = Literal["down", "mid", "up", "block", "single"]
+Part = Literal["", "image->image", "image->text", "text->image"]
+TokenLayout = tuple[str, ...]
+
+#: The kind under which each part of a joint layer reaches stores and methods.
+PART_KINDS: dict[str, str] = {"image->image": "self", "image->text": "cross", "text->image": "reverse"}
+_PART_SUFFIX = {"image->image": "self", "image->text": "cross", "text->image": "reverse"}
 
 
 @dataclass(frozen=True)
 class LayerInfo:
     """Description of one attention layer of a denoiser, derived from the model's config.
 
+    A joint-attention layer (MMDiT: image and text tokens in one softmax) is described once with
+    ``kind="joint"`` and once per **part**, a view on one block of its probabilities that stores and
+    methods read like a plain layer: ``image->image`` (``kind="self"``), ``image->text`` (``kind="cross"``)
+    and ``text->image`` (``kind="reverse"``). Parts are named ``"<module>:self"``, ``"<module>:cross"`` and
+    ``"<module>:reverse"``; their rows come from the softmax over the **whole** joint key set, so they do not
+    sum to 1 (``rows_sum_to_one=False``): methods renormalise per pixel over the tokens they use.
+
     Attributes:
-        name: module path inside the denoiser, e.g. ``"down_blocks.0.attentions.0.transformer_blocks.0.attn1"``.
-        kind: ``"self"`` (image -> image), ``"cross"`` (image -> text) or ``"joint"`` (MMDiT).
-        grid: ``(h, w)`` token grid of the image queries for the adapter's current input size.
+        name: module path inside the denoiser, e.g. ``"down_blocks.0.attentions.0.transformer_blocks.0.attn1"``,
+            or ``"<module>:<part kind>"`` for a part of a joint layer.
+        kind: ``"self"`` (image -> image), ``"cross"`` (image -> text), ``"joint"`` (MMDiT: one softmax over
+            image and text tokens) or ``"reverse"`` (text -> image part of a joint layer).
+        grid: ``(h, w)`` token grid of the image tokens for the adapter's current input size.
         heads: number of attention heads.
         head_dim: channels per head.
-        position: where the layer sits (``"down"``, ``"mid"``, ``"up"`` for UNets, ``"block"`` for DiTs).
-        index: order of the layer in the forward pass (0-based).
-        block: the block the layer belongs to (e.g. ``"up_blocks.1"``), for layer selection.
+        position: where the layer sits (``"down"``, ``"mid"``, ``"up"`` for UNets, ``"block"`` for DiT blocks,
+            ``"single"`` for single-stream blocks).
+        index: order of the layer in the forward pass (0-based; the parts of a joint layer share its index).
+        block: the block the layer belongs to (e.g. ``"up_blocks.1"``, ``"transformer_blocks.3"``), for layer
+            selection.
+        text_tokens: number of text tokens the layer sees (cross and joint layers; 0 for self-attention).
+        layout: for joint layers and their parts, the order of the token groups in the joint sequence,
+            ``("text", "image")`` (Flux) or ``("image", "text")`` (SD3); empty otherwise.
+        joined: the attention module receives text and image as **one** sequence in ``layout`` order
+            (single-stream blocks); otherwise image tokens come as ``hidden_states`` and text tokens as
+            ``encoder_hidden_states``.
+        part: for a part of a joint layer, which block of its probabilities (``"image->image"``,
+            ``"image->text"``, ``"text->image"``); ``""`` otherwise.
+        module: the attention module that computes this layer (``""``: ``name`` itself).
+        rows_sum_to_one: False when rows are a slice of a larger softmax (parts of joint layers).
+        output_projection: the linear module whose first ``heads * head_dim`` input columns project the
+            heads' concatenated output (``""``: ``"<module>.to_out.0"``); GoCA's head weights read it.
     """
 
     name: str
@@ -52,18 +82,63 @@ class LayerInfo:
     position: Position
     index: int
     block: str
+    text_tokens: int = 0
+    layout: TokenLayout = ()
+    joined: bool = False
+    part: Part = ""
+    module: str = ""
+    rows_sum_to_one: bool = True
+    output_projection: str = ""
 
     @property
     def num_tokens(self) -> int:
+        """Image tokens of the grid, ``h * w``."""
         return self.grid[0] * self.grid[1]
+
+    @property
+    def num_queries(self) -> int:
+        """Query rows this layer's maps have: text tokens for ``text->image`` parts, image tokens otherwise."""
+        return self.text_tokens if self.kind == "reverse" else self.num_tokens
+
+    @property
+    def module_name(self) -> str:
+        """The attention module computing this layer."""
+        return self.module or self.name
+
+    @property
+    def output_module(self) -> str:
+        """The linear layer projecting the heads' concatenated output (see :attr:`output_projection`)."""
+        return self.output_projection or f"{self.module_name}.to_out.0"
 
     @property
     def resolution(self) -> int:
         """The larger side of the token grid; the key used to group layers by resolution."""
         return max(self.grid)
 
+    def image_span(self, sequence_length: int) -> tuple[int, int]:
+        """``(start, stop)`` of the image tokens in a joint sequence of ``sequence_length`` tokens.
+
+        The image group has :attr:`num_tokens` tokens; the text group takes the rest, in :attr:`layout` order.
+        """
+        n = self.num_tokens
+        if "text" not in self.layout or self.layout.index("image") < self.layout.index("text"):
+            return 0, n
+        return sequence_length - n, sequence_length
+
+    def part_info(self, part: str) -> LayerInfo:
+        """The description of one part (``"image->image"``, ``"image->text"``, ``"text->image"``) of this
+        joint layer."""
+        if self.kind != "joint":
+            raise ValueError(f"{self.name} is a {self.kind} layer; only joint layers have parts")
+        if part not in PART_KINDS:
+            raise ValueError(f"part must be one of {tuple(PART_KINDS)}, got {part!r}")
+        return replace(
+            self, name=f"{self.name}:{_PART_SUFFIX[part]}", kind=PART_KINDS[part], part=part,  # type: ignore[arg-type]
+            module=self.name, rows_sum_to_one=False,
+        )
+
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "name": self.name,
             "kind": self.kind,
             "grid": list(self.grid),
@@ -73,6 +148,17 @@ class LayerInfo:
             "index": self.index,
             "block": self.block,
         }
+        # fields added with transformer support are written only when set, so stores stay readable by
+        # older readers and old stores load with the defaults
+        extra = {
+            "text_tokens": self.text_tokens, "layout": list(self.layout), "joined": self.joined, "part": self.part,
+            "module": self.module, "rows_sum_to_one": self.rows_sum_to_one,
+            "output_projection": self.output_projection,
+        }
+        defaults = {"text_tokens": 0, "layout": [], "joined": False, "part": "", "module": "",
+                    "rows_sum_to_one": True, "output_projection": ""}
+        d.update({k: v for k, v in extra.items() if v != defaults[k]})
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LayerInfo:
@@ -85,6 +171,13 @@ class LayerInfo:
             position=d["position"],
             index=int(d["index"]),
             block=d["block"],
+            text_tokens=int(d.get("text_tokens", 0)),
+            layout=tuple(d.get("layout", ())),
+            joined=bool(d.get("joined", False)),
+            part=d.get("part", ""),
+            module=d.get("module", ""),
+            rows_sum_to_one=bool(d.get("rows_sum_to_one", True)),
+            output_projection=d.get("output_projection", ""),
         )
 
 
@@ -114,7 +207,8 @@ class Prompt:
         tokens: the token strings, length ``T`` (padding included).
         token_ids: ``(T,)`` ids.
         offsets: per token the ``(start, end)`` character span in ``text``; ``(0, 0)`` for special tokens.
-        special: per token True for start/end/padding tokens.
+        special: per token True for start/end/padding tokens (T5: ``</s>`` and ``<pad>``; it has no start token),
+            and for tokens that word lookup must not read (SD3: the T5 part when words are read from CLIP).
         length: number of non-padding tokens (start and end included).
         extra: model-specific conditioning (e.g. SDXL pooled embeddings).
     """

@@ -70,6 +70,31 @@ def _write_sd_configs(root: Path, changes: dict[str, Any] | None = None) -> Path
     return root
 
 
+_FLUX_INDEX = {
+    "_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"],
+    "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"], "text_encoder_2": ["transformers", "T5EncoderModel"],
+    "tokenizer_2": ["transformers", "T5TokenizerFast"], "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+}
+
+
+def _write_flux_configs(root: Path, changes: dict[str, Any] | None = None) -> Path:
+    """The configuration files of a tiny Flux folder (no weights, no tokenizer files but their configs)."""
+    configs: dict[str, Any] = {
+        "model_index.json": _FLUX_INDEX,
+        "transformer/config.json": {"in_channels": 16, "patch_size": 1, "joint_attention_dim": 32},
+        "vae/config.json": {"block_out_channels": [8, 16], "latent_channels": 4},
+        "text_encoder/config.json": {"hidden_size": 16, "max_position_embeddings": 77},
+        "tokenizer/tokenizer_config.json": {"model_max_length": 77},
+        "text_encoder_2/config.json": {"d_model": 32},
+        "tokenizer_2/tokenizer_config.json": {"model_max_length": 32},
+        "scheduler/scheduler_config.json": {"num_train_timesteps": 1000},
+    }
+    return _write_sd_configs(root, {k: None for k in (
+        "unet/config.json", "vae/config.json", "text_encoder/config.json", "scheduler/scheduler_config.json",
+    )} | configs | (changes or {}))
+
+
 def _write_dataset(root: Path, classes: tuple[str, ...] = ("background", "circle", "square"), *,
                    label_size: tuple[int, int] | None = None, n: int = 2) -> Path:
     (root / "images").mkdir(parents=True)
@@ -182,6 +207,20 @@ def _setup(env: Env, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
         _write_sd_configs(r / "m", {"model_index.json": {"unet": ["diffusers", "UNet2DConditionModel"]}})
     elif name == "index-pixart":
         _write_sd_configs(r / "m", {"model_index.json": {"_class_name": "PixArtSigmaPipeline"}})
+    elif name == "flux-index-no-t5":
+        _write_flux_configs(r / "m", {"model_index.json": {**_FLUX_INDEX, "text_encoder_2": [None, None]}})
+    elif name == "flux-t5-folder-missing":
+        _write_flux_configs(r / "m")
+        shutil.rmtree(r / "m" / "text_encoder_2")
+    elif name == "flux-t5-width-mismatch":
+        _write_flux_configs(r / "m", {"text_encoder_2/config.json": {"d_model": 64}})
+    elif name == "flux-vae-channels-mismatch":
+        _write_flux_configs(r / "m", {"transformer/config.json": {"in_channels": 64, "joint_attention_dim": 32}})
+    elif name == "flux-size-not-token":
+        _write_flux_configs(r / "m")
+    elif name == "index-unknown-transformer":
+        _write_sd_configs(r / "m", {"model_index.json": {"_class_name": "HunyuanDiTPipeline",
+                                                         "transformer": ["diffusers", "HunyuanDiT2DModel"]}})
     elif name == "index-unknown-class":
         _write_sd_configs(r / "m", {"model_index.json": {"_class_name": "KandinskyPipeline"}})
     elif name == "sd-with-sdxl-unet":
@@ -362,7 +401,18 @@ CASES: list[tuple[Any, ...]] = [
     ("index-invalid-json", ["segment", "{ok}", "--model", "{root}/m", "--out", "{out}"], "is not valid JSON"),
     ("index-is-list", ["segment", "{ok}", "--model", "{root}/m", "--out", "{out}"], "must hold a JSON object"),
     ("index-no-class", ["segment", "{ok}", "--model", "{root}/m", "--out", "{out}"], "has no _class_name"),
-    ("index-pixart", ["segment", "{ok}", "--model", "{root}/m", "--out", "{out}"], "not supported yet"),
+    ("index-pixart", ["segment", "{ok}", "--model", "{root}/m", "--out", "{out}"], "has no PixArt transformer"),
+    ("flux-index-no-t5", ["segment", "{ok}", "--model", "{root}/m", "--out", "{out}"], "has no T5 text encoder"),
+    ("flux-t5-folder-missing", ["segment", "{ok}", "--model", "{root}/m", "--out", "{out}"],
+     "is missing its T5 text encoder (text_encoder_2/)"),
+    ("flux-t5-width-mismatch", ["segment", "{ok}", "--model", "{root}/m", "--out", "{out}"],
+     "expects text states of width 32"),
+    ("flux-vae-channels-mismatch", ["segment", "{ok}", "--model", "{root}/m", "--out", "{out}"],
+     "takes 64 input channels but the VAE gives 4 latent channels (packed 2x2)"),
+    ("flux-size-not-token", ["segment", "{ok}", "--model", "{root}/m", "--size", "34", "--out", "{out}"],
+     "a multiple of 4 (one image token)"),
+    ("index-unknown-transformer", ["segment", "{ok}", "--model", "{root}/m", "--out", "{out}"],
+     "transformer class HunyuanDiT2DModel"),
     ("index-unknown-class", ["segment", "{ok}", "--model", "{root}/m", "--out", "{out}"],
      "KandinskyPipeline is not supported"),
     ("sd-with-sdxl-unet", ["segment", "{ok}", "--model", "{root}/m", "--out", "{out}"], "SDXL UNet"),

@@ -68,7 +68,7 @@ def test_segment_images_and_folder(tiny_sd_dir, rgb_image, tmp_path):
         (["ok.png", "-P", "nonsense"], "NAME=VALUE"),
         (["ok.png", "-P", "no_such_param=1"], "no_such_param"),
         (["ok.png", "--model", "someone/not-a-cached-model"], "local folder"),
-        (["ok.png", "--model", "PIXART"], "not supported yet"),
+        (["ok.png", "--model", "PIXART"], "has no PixArt transformer"),
     ],
 )
 def test_bad_input_gives_one_line_error(tmp_path, tiny_sd_dir, args, message):

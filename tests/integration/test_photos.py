@@ -47,9 +47,15 @@ def test_panorama_masks_cover_all_of_it(tmp_path):
     info = json.loads((out / "panorama.json").read_text())
     assert info["size"] == [300, 2000]
     assert sum(s["area"] for s in info["segments"]) == 300 * 2000  # every pixel in exactly one segment
-    # toy model input 32 x 32: pad scale 32/2000 -> 32 x round(4.8) = 5 rows, top (32 - 5) // 2 = 13
-    assert info["geometry"] == {"fit": "pad", "original_size": [300, 2000], "model_size": [32, 32],
-                                "source_box": [0, 0, 2000, 300], "target_box": [0, 13, 32, 18]}
+    # the toy family's GoCA input size (its preset, which the command applies; 64 x 64 today): pad scale
+    # 64/2000 -> 64 x round(9.6) = 10 rows, top (64 - 10) // 2 = 27
+    from attnseg.models.toy import ToyAdapter
+
+    side = ToyAdapter.recommended["goca"]["run"]["size"][0]
+    rows = round(300 * side / 2000)
+    top = (side - rows) // 2
+    assert info["geometry"] == {"fit": "pad", "original_size": [300, 2000], "model_size": [side, side],
+                                "source_box": [0, 0, 2000, 300], "target_box": [0, top, side, top + rows]}
 
     crop = tmp_path / "crop"
     res = _run("segment", path, "--model", "toyworld", "--out", crop, "--fit", "crop")

@@ -82,7 +82,7 @@ def test_loading_errors(tmp_path):
     pixart = tmp_path / "pixart"
     pixart.mkdir()
     (pixart / "model_index.json").write_text(json.dumps({"_class_name": "PixArtSigmaPipeline"}))
-    with pytest.raises(UnsupportedModelError, match="PixArt-Sigma models are not supported yet"):
+    with pytest.raises(ModelNotFoundError, match="has no PixArt transformer"):
         load_model(str(pixart))
     other = tmp_path / "other"
     other.mkdir()

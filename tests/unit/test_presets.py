@@ -66,3 +66,28 @@ def test_pipeline_applies_the_preset(tmp_path) -> None:
     assert paper.method.threshold_mode == "absolute" and paper.options().timestep == 300
     out = pipe.run(torch.rand(3, 40, 40), seed=0)
     assert out.store.meta["image_size"] == [16, 16] and out.store.meta["timestep"] == 50
+
+
+def test_variant_settings_come_from_the_family_table() -> None:
+    """The variant that runs (the user's, else the family entry's, else the method's default) picks its overrides."""
+    table = {"goca": {"variant": "vanilla", "timestep": 300,
+                      "variants": {"vanilla": {"timestep": 200}, "goca": {"timestep": 50}}}}
+    s = resolve_settings("goca", table, params={"classes": ["cat"]})
+    assert s.params == {"variant": "vanilla", "timestep": 200, "classes": ["cat"]}
+    assert resolve_settings("goca", table, params={"variant": "goca"}).params["timestep"] == 50
+    assert resolve_settings("goca", table, params={"variant": "baseline"}).params["timestep"] == 300
+    # no variant in the entry: GoCA's own default variant ("goca") picks its overrides
+    assert resolve_settings("goca", {"goca": {"variants": {"goca": {"timestep": 7}}}}).params == {"timestep": 7}
+    assert "variants" in table["goca"]  # the table is not modified
+
+
+def test_an_adapter_gives_the_family_settings_of_its_model() -> None:
+    """With an adapter, its method_defaults (which may adapt names to the loaded model) is what resolves."""
+
+    class Adapter:
+        def method_defaults(self, method: str, *, variant: str | None = None) -> dict:
+            return {"timestep": 11 if variant == "vanilla" else 22, "run": {"size": (8, 8)}}
+
+    s = resolve_settings("goca", Adapter(), params={"variant": "vanilla"})
+    assert s.params == {"timestep": 11, "variant": "vanilla"} and s.run == {"size": (8, 8)}
+    assert resolve_settings("goca", Adapter()).params == {"timestep": 22}

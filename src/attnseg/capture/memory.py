@@ -55,6 +55,7 @@ __all__ = [
     "estimate_capture",
     "key_tokens",
     "nbytes",
+    "query_tokens",
     "register_post_estimate",
 ]
 
@@ -98,12 +99,20 @@ def nbytes(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> int:
 
 
 def key_tokens(layer: LayerInfo, text_tokens: int) -> int:
-    """Keys a layer's queries attend to: its own tokens (self), the text tokens (cross), both (joint)."""
-    if layer.kind == "self":
+    """Keys a layer's maps have: its image tokens (self, and the text->image part of a joint layer), the text tokens
+    (cross, and the image->text part), both (a whole joint layer: its softmax runs over ``N + T`` keys)."""
+    t = int(text_tokens) or layer.text_tokens
+    if layer.kind in ("self", "reverse"):
         return layer.num_tokens
     if layer.kind == "cross":
-        return int(text_tokens)
-    return layer.num_tokens + int(text_tokens)
+        return t
+    return layer.num_tokens + t
+
+
+def query_tokens(layer: LayerInfo, text_tokens: int) -> int:
+    """Query rows a layer's maps have: the text tokens for the text->image part of a joint layer, else the image
+    tokens."""
+    return (int(text_tokens) or layer.text_tokens) if layer.kind == "reverse" else layer.num_tokens
 
 
 def register_post_estimate(name: str) -> Callable[[PostEstimate], PostEstimate]:
@@ -220,27 +229,46 @@ def _processor_items(
     split_queries: bool,
     want_outputs: bool,
 ) -> list[MemoryItem]:
-    """The capture processor's transients of the largest layer call."""
+    """The capture processors' transients of the largest layer call.
+
+    A part of a joint layer (``"<module>:self"``...) is captured by the module's one call, which computes the
+    softmax over the whole joint key set, ``N + T`` keys, for the image rows and then the text rows
+    (:class:`~attnseg.capture.joint.JointCaptureProcessor`); the parts of one module count once.
+    """
     from attnseg.capture.processor import block_plan
 
     half = model_dtype in (torch.float16, torch.bfloat16)
-    best: tuple[int, list[MemoryItem]] = (0, [])
+    calls: dict[str, tuple[LayerInfo, list[int], int, int]] = {}  # module -> (info, query groups, keys, rows)
     for info in layers.values():
-        k = key_tokens(info, text_tokens)
-        heads, rows = block_plan(
-            batch, info.heads, info.num_tokens, k, chunk_bytes=chunk_bytes, device_type=device.type,
-            split_queries=split_queries,
-        )
+        if info.part:  # one joint call per module, whatever parts it feeds
+            t = int(text_tokens) or info.text_tokens
+            n = info.num_tokens
+            calls.setdefault(info.module_name, (info, [n, t], n + t, n + t))
+        else:
+            k = key_tokens(info, text_tokens)
+            calls[info.name] = (info, [info.num_tokens], k, info.num_tokens)
+    best: tuple[int, list[MemoryItem]] = (0, [])
+    for name, (info, groups, k, rows_all) in calls.items():
+        blocks = []
+        for rows in groups:
+            if rows <= 0:
+                continue
+            heads, q_rows = block_plan(
+                batch, info.heads, rows, k, chunk_bytes=chunk_bytes, device_type=device.type,
+                split_queries=split_queries,
+            )
+            blocks.append((heads, q_rows))
+        heads, rows = max(blocks, key=lambda hr: hr[0] * hr[1])
         block = nbytes((batch, heads, rows, k))
-        items = [MemoryItem(f"blocks of float32 scores and probabilities of {info.name}",
+        items = [MemoryItem(f"blocks of float32 scores and probabilities of {name}",
                             _BLOCKS_AT_ONCE * block, "capture", str(device))]
-        per_head = (batch, info.heads, info.num_tokens, info.head_dim)
-        items.append(MemoryItem(f"the per-head outputs of {info.name}", nbytes(per_head, model_dtype),
+        per_head = (batch, info.heads, rows_all, info.head_dim)
+        items.append(MemoryItem(f"the per-head outputs of {name}", nbytes(per_head, model_dtype),
                                 "capture", str(device)))
         if half:
-            items.append(MemoryItem(f"the float32 queries of {info.name}", nbytes(per_head), "capture", str(device)))
+            items.append(MemoryItem(f"the float32 queries of {name}", nbytes(per_head), "capture", str(device)))
         if want_outputs:
-            items.append(MemoryItem(f"a block of per-head outputs of {info.name}",
+            items.append(MemoryItem(f"a block of per-head outputs of {name}",
                                     nbytes((batch, heads, rows, info.head_dim), model_dtype), "capture", str(device)))
         total = sum(it.nbytes for it in items)
         if total > best[0]:
@@ -277,7 +305,8 @@ def estimate_capture(
 
     Args:
         store: the (empty) store the capture will fill; it describes its own tensors (``memory_items``).
-        layers: the layers that will be captured (e.g. ``{n: layers[n] for n in method.select_layers(layers)}``).
+        layers: the layers that will be captured (e.g. ``{n: layers[n] for n in method.select_layers(layers)}``);
+            a whole joint layer counts as its parts, as the tracer captures it.
             The processor's largest call and the store's largest call are added even when they are different
             layers (an upper bound).
         batch: batch items of the forward pass (2 for a classifier-free-guidance batch).
@@ -292,8 +321,10 @@ def estimate_capture(
     Returns:
         A :class:`CaptureEstimate`; call :meth:`~CaptureEstimate.check` to refuse it when it does not fit.
     """
+    from attnseg.capture.tracer import expand_joint
     from attnseg.devices import as_device
 
+    layers = expand_joint(dict(layers), dict(layers))  # a joint layer is captured as its parts (as the tracer does)
     dev = as_device(device if device is not None else store.device)
     if batch < 1:
         raise AttnSegError(f"batch must be >= 1, got {batch}")

@@ -9,6 +9,11 @@ as float32 probabilities ``(B, h, Q, K)`` (rows sum to 1). The store reduces the
 
 So DiffSeg's 16 self-attention layers of SD1.5 at 512 px cost one (4096, 4096) map at 64x64 plus three
 smaller ones, never 16 x 8 full maps.
+
+Parts of joint-attention layers (MMDiT) arrive as ``self``/``cross`` maps whose rows are slices of a larger
+softmax (``LayerInfo.rows_sum_to_one`` is False). They are stored as they come (raw) and the entry records it;
+:meth:`AttentionStore.by_resolution` (and so ``self_attention()``/``cross_attention()``) renormalises such maps
+per query row over the keys it holds, so its readers keep getting rows that sum to 1.
 """
 
 from __future__ import annotations
@@ -160,6 +165,7 @@ class _Entry:
     layers: list[str]
     sum: torch.Tensor | None = None  # (B, Q, K) or (B, H, Q, K)
     count: int = 0
+    partial: bool = False  # rows are slices of a larger softmax (joint attention): they do not sum to 1
 
 
 class AttentionStore:
@@ -244,8 +250,9 @@ class AttentionStore:
         if layer.name not in entry.layers:
             entry.layers.append(layer.name)
             self.layers[layer.name] = layer
+        entry.partial = entry.partial or not layer.rows_sum_to_one
         b, k = probs.shape[0], probs.shape[-1]
-        q = layer.num_tokens
+        q = layer.num_queries
         if entry.sum is None:
             shape = (b, q, k) if self.heads == "mean" else (b, layer.heads, q, k)
             entry.sum = self._zeros(shape, f"the attention maps of {key}")
@@ -298,13 +305,13 @@ class AttentionStore:
             ``"kept"`` items: one accumulator per storage key, ``(B, Q, K)`` (or ``(B, H, Q, K)`` with
             ``heads="all"``) in the store's dtype.
         """
-        from attnseg.capture.memory import MemoryItem, key_tokens, nbytes
+        from attnseg.capture.memory import MemoryItem, key_tokens, nbytes, query_tokens
 
         b = self.kept_batch(batch)
         shapes: dict[str, tuple[int, ...]] = {}
         for info in layers.values():
-            k = key_tokens(info, text_tokens)
-            shape = (b, info.num_tokens, k) if self.heads == "mean" else (b, info.heads, info.num_tokens, k)
+            q, k = query_tokens(info, text_tokens), key_tokens(info, text_tokens)
+            shape = (b, q, k) if self.heads == "mean" else (b, info.heads, q, k)
             shapes.setdefault(self.key(info), shape)
         return [
             MemoryItem(f"the {_describe_key(key)} maps", nbytes(shape, self.dtype), "kept", str(self.device))
@@ -345,8 +352,8 @@ class AttentionStore:
 
     def add(self, layer: LayerInfo, probs: torch.Tensor) -> None:
         """Add a whole call at once: ``probs (B, H, Q, K)`` with all heads of ``layer``."""
-        if probs.ndim != 4 or probs.shape[1] != layer.heads or probs.shape[2] != layer.num_tokens:
-            expected = f"(B, {layer.heads}, Q = {layer.num_tokens}, K)"
+        if probs.ndim != 4 or probs.shape[1] != layer.heads or probs.shape[2] != layer.num_queries:
+            expected = f"(B, {layer.heads}, Q = {layer.num_queries}, K)"
             raise ConfigError(f"probs must be {expected} for {layer.name}, got {tuple(probs.shape)}")
         self.add_chunk(layer, probs.float(), slice(0, layer.heads))
         self.end_call(layer)
@@ -387,10 +394,13 @@ class AttentionStore:
         """Maps of ``kind`` averaged over layers per resolution: ``{r: (N_r, K)}``, largest r first.
 
         With ``group="layer"`` the per-layer means are averaged here (each layer weighs the same, as
-        with ``group="resolution"``).
+        with ``group="resolution"``). Where the maps are parts of joint attention (rows do not sum to 1), the
+        mean is renormalised per query row over its keys (the image tokens of a self map, the text tokens of a
+        cross map).
         """
         sums: dict[int, torch.Tensor] = {}
         counts: dict[int, int] = {}
+        partial: set[int] = set()
         for key, e in self._entries.items():
             if e.kind != kind or e.count == 0:
                 continue
@@ -398,14 +408,28 @@ class AttentionStore:
             weighted = self.get(key, batch_index) * n  # an entry's mean covers n layers
             sums[r] = weighted if r not in sums else sums[r] + weighted
             counts[r] = counts.get(r, 0) + n
-        return {r: sums[r] / counts[r] for r in sorted(sums, reverse=True)}
+            if e.partial:
+                partial.add(r)
+        out = {}
+        for r in sorted(sums, reverse=True):
+            m = sums[r] / counts[r]
+            if r in partial:
+                m = m / m.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+            out[r] = m
+        return out
+
+    def is_partial(self, key: str) -> bool:
+        """Whether the rows stored under ``key`` are slices of a larger softmax (they do not sum to 1)."""
+        return self._entries[key].partial
 
     def self_attention(self, batch_index: int | None = 0) -> dict[int, torch.Tensor]:
-        """Self-attention per resolution r: ``{r: (N_r, N_r)}`` float32 (rows sum to 1), mean over heads and layers."""
+        """Self-attention per resolution r: ``{r: (N_r, N_r)}`` float32 (rows sum to 1), mean over heads and layers
+        (image->image parts of joint layers renormalised per row)."""
         return self.by_resolution("self", batch_index)
 
     def cross_attention(self, batch_index: int | None = 0) -> dict[int, torch.Tensor]:
-        """Cross-attention per resolution r: ``{r: (N_r, T)}`` float32 (rows sum to 1), mean over heads and layers."""
+        """Cross-attention per resolution r: ``{r: (N_r, T)}`` float32 (rows sum to 1), mean over heads and layers
+        (image->text parts of joint layers renormalised per pixel over the text tokens)."""
         return self.by_resolution("cross", batch_index)
 
     def grid(self, resolution: int) -> tuple[int, int]:
@@ -441,7 +465,8 @@ class AttentionStore:
             "group": self.group,
             "dtype": str(self.dtype).removeprefix("torch."),
             "entries": {
-                key: {"kind": e.kind, "grid": list(e.grid), "layers": e.layers, "count": e.count}
+                key: {"kind": e.kind, "grid": list(e.grid), "layers": e.layers, "count": e.count,
+                      **({"partial": True} if e.partial else {})}
                 for key, e in self._entries.items()
             },
             "layers": {name: info.to_dict() for name, info in self.layers.items()},
@@ -472,7 +497,7 @@ class AttentionStore:
             for key, d in header["entries"].items():
                 grid = (int(d["grid"][0]), int(d["grid"][1]))
                 entry = _Entry(kind=str(d["kind"]), grid=grid, layers=list(d["layers"]), sum=tensors.get(key),
-                               count=int(d["count"]))
+                               count=int(d["count"]), partial=bool(d.get("partial", False)))
                 _check_entry(path, key, entry)
                 store._entries[key] = entry
         return store

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Literal
 
+from attnseg.capture.joint import JOINT_PROCESSORS, JointCaptureProcessor
 from attnseg.capture.processor import CaptureProcessor
 from attnseg.capture.store import AttentionStore
 from attnseg.errors import AttnSegError, ConfigError
@@ -16,7 +18,7 @@ if TYPE_CHECKING:
     from attnseg.models.base import DiffusionAdapter
     from attnseg.types import LayerInfo
 
-__all__ = ["AttentionTracer", "select_layers"]
+__all__ = ["AttentionTracer", "expand_joint", "select_layers"]
 
 _ACTIVE: weakref.WeakSet[Any] = weakref.WeakSet()
 
@@ -26,14 +28,15 @@ Selector = Callable[["LayerInfo"], bool] | Iterable[str] | str | None
 def select_layers(layers: dict[str, LayerInfo], select: Selector = None) -> dict[str, LayerInfo]:
     """Filter layer descriptions.
 
-    ``select`` is None (all), a kind (``"self"``, ``"cross"``, ``"joint"``), an iterable of layer
-    names, or a predicate on :class:`~attnseg.types.LayerInfo`.
+    ``select`` is None (all), a kind (``"self"``, ``"cross"``, ``"joint"``, ``"reverse"``), an iterable of layer
+    names, or a predicate on :class:`~attnseg.types.LayerInfo`. A selected joint layer stands for all its parts
+    (see :func:`expand_joint`).
     """
     if select is None:
         return dict(layers)
     if isinstance(select, str):
-        if select not in ("self", "cross", "joint"):
-            raise ConfigError(f"layer selection {select!r} is not a kind (self, cross, joint)")
+        if select not in ("self", "cross", "joint", "reverse"):
+            raise ConfigError(f"layer selection {select!r} is not a kind (self, cross, joint, reverse)")
         return {n: i for n, i in layers.items() if i.kind == select}
     if callable(select):
         return {n: i for n, i in layers.items() if select(i)}
@@ -44,12 +47,30 @@ def select_layers(layers: dict[str, LayerInfo], select: Selector = None) -> dict
     return {n: layers[n] for n in names}
 
 
+def expand_joint(selected: dict[str, LayerInfo], layers: dict[str, LayerInfo]) -> dict[str, LayerInfo]:
+    """Replace each selected joint layer by its parts (described in ``layers``, or derived from it): sinks
+    receive parts, never whole joint maps."""
+    out: dict[str, LayerInfo] = {}
+    for name, info in selected.items():
+        if info.kind != "joint":
+            out[name] = info
+            continue
+        parts = [i for i in layers.values() if i.module == name and i.part]
+        if not parts:
+            parts = [info.part_info(p) for p in ("image->image", "image->text", "text->image")]
+        out.update({p.name: p for p in parts})
+    return out
+
+
 class AttentionTracer:
     """Context manager that captures attention of selected layers into a store.
 
-    Only the selected modules get a :class:`~attnseg.capture.processor.CaptureProcessor`; every other
-    layer keeps its processor (the fused fast path). On exit, normal or by exception, the original
-    processors are restored. Tracing the same model twice at once is refused.
+    Only the selected modules get a capture processor (:class:`~attnseg.capture.processor.CaptureProcessor`, or
+    :class:`~attnseg.capture.joint.JointCaptureProcessor` for joint attention and for modules run by a
+    joint-contract processor); every other layer keeps its processor (the fused fast path). Selecting a part of a
+    joint layer (``"<module>:self"``...) installs one processor on the module that feeds every selected part. On
+    exit, normal or by exception, the original processors are restored. Tracing the same model twice at once is
+    refused.
 
     Args:
         model: an adapter, or the denoiser module itself (then ``layers`` must be given).
@@ -61,7 +82,8 @@ class AttentionTracer:
         chunk_bytes: bound on one block of probabilities (None: the processor's per-device default).
         want_outputs: pass per-head outputs to the store (default: the store's ``wants_outputs``).
         features: names of modules whose outputs go to ``store.add_feature`` (e.g. a reference
-            feature such as a layer's ``to_q``); forward hooks, removed on exit.
+            feature such as a layer's ``to_q``); forward hooks, removed on exit. The output of a joint
+            module that receives text and image as one sequence is cut to its image tokens.
 
     Example:
         >>> with AttentionTracer(adapter, select="self") as tracer:  # doctest: +SKIP
@@ -94,7 +116,8 @@ class AttentionTracer:
                 layers = model.attention_layers(size)
         if mode not in ("reuse", "beside"):
             raise ConfigError(f"mode must be 'reuse' or 'beside', got {mode!r}")
-        self.layers = select_layers(layers, select)
+        self.all_layers = dict(layers)
+        self.layers = expand_joint(select_layers(layers, select), self.all_layers)
         if not self.layers:
             raise ConfigError("the layer selection matched no attention layer")
         if store is None:  # on the model's device: maps accumulate where they are computed
@@ -114,18 +137,20 @@ class AttentionTracer:
             raise AttnSegError("this model is already being traced; tracers cannot be nested")
         _ACTIVE.add(self.denoiser)
         try:
-            for name, info in self.layers.items():
+            for name, (info, parts) in self._modules().items():
                 module = self.denoiser.get_submodule(name)
                 if not hasattr(module, "set_processor"):
                     raise AttnSegError(f"{name} is not an attention module with a processor")
                 original = module.processor
                 self._saved[name] = original
-                module.set_processor(
-                    CaptureProcessor(
-                        original, info, self.store, mode=self.mode,
-                        chunk_bytes=self.chunk_bytes, want_outputs=self.want_outputs,
+                kwargs = {"mode": self.mode, "chunk_bytes": self.chunk_bytes, "want_outputs": self.want_outputs}
+                if parts or type(original).__name__ in JOINT_PROCESSORS:
+                    processor: Any = JointCaptureProcessor(
+                        original, info, parts or {"image->image": info}, self.store, **kwargs
                     )
-                )
+                else:
+                    processor = CaptureProcessor(original, info, self.store, **kwargs)
+                module.set_processor(processor)
             for name in self.features:
                 self._hooks.append(self.denoiser.get_submodule(name).register_forward_hook(self._feature_hook(name)))
         except BaseException:
@@ -136,9 +161,33 @@ class AttentionTracer:
     def __exit__(self, *exc: object) -> None:
         self._restore()
 
+    def _modules(self) -> dict[str, tuple[LayerInfo, dict[str, LayerInfo]]]:
+        """Per attention module: its description and the parts captured from it (none for plain layers)."""
+        modules: dict[str, tuple[LayerInfo, dict[str, LayerInfo]]] = {}
+        for name, info in self.layers.items():
+            if not info.part:
+                modules[name] = (info, {})
+                continue
+            source = self.all_layers.get(info.module)
+            if source is None:  # a part carries its joint layer's description
+                source = replace(info, name=info.module, kind="joint", part="", module="", rows_sum_to_one=True)
+            if source.kind != "joint":
+                raise AttnSegError(f"{name} is a part of {info.module!r}, which is not a joint-attention layer")
+            modules.setdefault(info.module, (source, {}))[1][info.part] = info
+        return modules
+
     def _feature_hook(self, name: str) -> Callable[..., None]:
+        info = self.all_layers.get(name)
+        if info is None:  # described only through its parts
+            info = next((i for i in self.all_layers.values() if i.module == name), None)
+        joined = info is not None and info.joined
+
         def hook(module: Any, args: Any, output: Any) -> None:
-            self.store.add_feature(name, output[0] if isinstance(output, tuple) else output)
+            value = output[0] if isinstance(output, tuple) else output
+            if joined and value.ndim == 3:  # one sequence of text and image tokens: keep the image tokens
+                start, stop = info.image_span(int(value.shape[1]))
+                value = value[:, start:stop]
+            self.store.add_feature(name, value)
 
         return hook
 

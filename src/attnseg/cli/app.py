@@ -43,16 +43,34 @@ def list_cmd(
 ) -> None:
     """List model families, bundled models and methods with their hyper-parameters."""
     from attnseg.methods.base import METHODS, list_methods
-    from attnseg.models import list_model_families
+    from attnseg.models import family_defaults, family_variant_defaults, generation_defaults, list_model_families
 
     methods = {name: dict(method_parameters(METHODS.get(name))) for name in list_methods()}
     families = list_model_families()
+    defaults = family_defaults()
+    variants = family_variant_defaults()
+    generation = generation_defaults()
     if as_json:
-        typer.echo(json.dumps({"model_families": families, "methods": methods}, indent=2))
+        typer.echo(json.dumps({"model_families": families, "methods": methods, "family_defaults": defaults,
+                               "family_variant_defaults": variants, "generation_defaults": generation},
+                              indent=2, default=list))
         return
     typer.echo("Model families (--model takes a Hub id or a local diffusers folder of these):")
     for name, desc in families.items():
         typer.echo(f"  {name:10s} {desc}")
+    typer.echo("\nPer-family method settings (what a method runs with unless set; layer names of the reference\n"
+               "checkpoint, mapped to the same relative depth on other configurations):")
+
+    def shown(params: dict) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in params.items())
+
+    for family, per_method in defaults.items():
+        for method_name, params in per_method.items():
+            typer.echo(f"  {family:10s} {method_name}: {shown(params)}")
+            for variant, vparams in variants.get(family, {}).get(method_name, {}).items():
+                typer.echo(f"  {family:10s} {method_name} --variant {variant}: {shown(vparams)}")
+    for family, params in generation.items():
+        typer.echo(f"  {family:10s} generate: {shown(params)}")
     typer.echo("\nMethods (--method NAME, hyper-parameters with -P NAME=VALUE):")
     for name, params in methods.items():
         typer.echo(f"  {name}")

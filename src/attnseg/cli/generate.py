@@ -64,6 +64,7 @@ def generate_cmd(
         if steps is not None and steps > spec.num_train_timesteps:
             raise ConfigError(f"--steps {steps} exceeds the model's training schedule of {spec.num_train_timesteps} "
                               f"steps; use --steps {spec.num_train_timesteps} or fewer")
+        spec.check_prompt(prompt)
         seg = make_method(method, method_kwargs(method, param, ks=ks), flags={"ks": "--k"})
         device = check_device(device)
 

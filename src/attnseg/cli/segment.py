@@ -67,13 +67,16 @@ EXIT_SOME_FAILED = 3
 
 @dataclass(frozen=True)
 class CheckedRun:
-    """What :func:`prepare_run` checked: the images with their output stems (:func:`output_stems`), the method, the
-    model's description, the fit and, for a run of one image, that image as decoded (keyed by its path) and the
-    longer side it was reduced to while decoding (see :func:`attnseg.pipeline.decode_side`)."""
+    """What :func:`prepare_run` checked: the images with their output stems (:func:`output_stems`), the method (built
+    from the user's settings alone), the user's method keywords (``params``: what the pipeline puts over the model
+    family's settings; classes the model cannot represent already dropped with ``--allow-unknown``), the model's
+    description, the fit and, for a run of one image, that image as decoded (keyed by its path) and the longer side
+    it was reduced to while decoding (see :func:`attnseg.pipeline.decode_side`)."""
 
     items: list[tuple[Path, str]]
     method: Any
     spec: Any
+    params: dict[str, Any] = field(default_factory=dict)
     fit: str = "pad"
     decoded: dict[Path, Any] = field(default_factory=dict)
     decoded_side: int | None = None
@@ -86,10 +89,11 @@ class CheckedRun:
 def prepare_run(
     images: list[Path], out: Path, model: str, method: str, params: list[str] | None, *, size: int | None,
     timestep: int | None, allow_unknown: bool, named: dict[str, Any], fit: str = "pad",
-    max_pixels: int = MAX_PIXELS, overwrite: bool = False,
+    max_pixels: int = MAX_PIXELS, overwrite: bool = False, prompt: str | None = None,
 ) -> CheckedRun:
     """Every check of ``segment`` that needs no model: files, the fit, the output folder, the model's description,
-    the method's hyper-parameters, timestep and size against the model, words against its tokenizer, and a single
+    the method's hyper-parameters, timestep and size against the model, words against its tokenizer, ``prompt``
+    against the token limits of text encoders that refuse longer prompts (diffusion transformers), and a single
     image (decoded here, so that its problems are bad input, exit 2). The images of a longer run are read one at a
     time later: one that cannot be read is skipped then (exit 3)."""
     from attnseg.cli.validate import check_images, check_method_words, check_out_dir, make_method, precheck_words
@@ -114,7 +118,14 @@ def prepare_run(
         spec.check_timestep(timestep)
     else:
         spec.check_timestep(seg.run_options().timestep, flag=f"{method}'s timestep (-P timestep=...)")
-    seg = check_method_words(seg, method, kwargs, spec.tokenizer, allow_unknown=allow_unknown, warn=warn)
+    checked = check_method_words(seg, method, kwargs, spec.tokenizer, allow_unknown=allow_unknown, warn=warn)
+    for attr in ("classes", "background_objects"):  # words dropped by --allow-unknown stay dropped
+        kept = getattr(checked, attr, None)
+        if kept is not None and tuple(kept) != tuple(getattr(seg, attr, None) or ()):
+            kwargs[attr] = list(kept)
+    seg = checked
+    if prompt:
+        spec.check_prompt(prompt)
     if fit == "native" and getattr(seg, "square_grids", False):
         raise ConfigError(f"--fit native gives inputs of the image's shape, but {method} needs square attention "
                           "grids: use --fit pad (or resize, crop)")
@@ -133,7 +144,7 @@ def prepare_run(
         if min(h, w) < smallest:
             raise ImageError(f"{path} is {w}x{h} px; this model needs at least {smallest} px a side")
         decoded[path] = image
-    return CheckedRun(items=items, method=seg, spec=spec, fit=fit, decoded=decoded, decoded_side=side)
+    return CheckedRun(items=items, method=seg, spec=spec, params=kwargs, fit=fit, decoded=decoded, decoded_side=side)
 
 
 def segment_cmd(
@@ -208,7 +219,7 @@ def segment_cmd(
             images, out, model, method, param, size=size, timestep=timestep, allow_unknown=allow_unknown,
             named={"target": target, "classes": classes, "ks": ks, "variant": variant,
                    "prompt": prompt if owns_prompt else None},
-            fit=fit, max_pixels=max_pixels, overwrite=overwrite,
+            fit=fit, max_pixels=max_pixels, overwrite=overwrite, prompt=prompt,
         )
         items, seg, fit_choice = checked.items, checked.method, checked.fit
         job = SegmentJob(
@@ -228,7 +239,11 @@ def segment_cmd(
         adapter = load_model(model, dtype=dtype, device=device)
         if not as_json:
             typer.echo(model_banner(adapter, model), err=True)
-        pipe = AttentionSegmentationPipeline(adapter, seg, fit=fit_choice)
+        # the method by name with the user's keywords: the pipeline puts the family's settings under them
+        pipe = AttentionSegmentationPipeline(adapter, method, fit=fit_choice, **checked.params)
+        timestep_used = pipe.options(timestep=timestep).timestep
+        if timestep is None and timestep_used != seg.run_options().timestep:
+            checked.spec.check_timestep(timestep_used, flag=f"the {adapter.family} timestep of {method}")
         from attnseg.pipeline import decode_side
 
         # the image checked before loading is reused when the model's input size (a preset's may differ from the
@@ -408,7 +423,8 @@ def _img2img(pipe: Any, prepared: Any, *, prompt: str | None, seed: int, fit: Fi
     from attnseg.generation import img2img_capture
     from attnseg.pipeline import PipelineOutput
 
-    cap = img2img_capture(pipe.adapter, prepared.decoded, pipe.method, seed=seed, size=size, prompt=prompt, fit=fit)
+    cap = img2img_capture(pipe.adapter, prepared.decoded, pipe.method, seed=seed, size=pipe.input_size(size),
+                          prompt=prompt, fit=fit)
     encoded = pipe.adapter.encode_prompt(cap.store.meta.get("prompt", "") or "")
     result = pipe.method.segment(cap.store, prompt=encoded, out_size=cap.placement.model)
     return PipelineOutput(model_result=result, image=cap.image, store=cap.store, placement=cap.placement,

@@ -572,6 +572,10 @@ def _self_sibling(cross: LayerInfo, layers: Mapping[str, LayerInfo]) -> str:
 
 def _reference_grid(reference: str, layers: Mapping[str, LayerInfo]) -> tuple[int, int]:
     """Grid of a module inside an attention block: the attention layer sharing the longest name prefix."""
+    for info in layers.values():  # a module of (or inside) an attention module: its image grid
+        module = info.module_name
+        if reference == module or reference.startswith(module + "."):
+            return info.grid
     parts = reference.split(".")
     best: tuple[int, LayerInfo] | None = None
     for info in layers.values():
@@ -663,6 +667,8 @@ class GoCA:
         reference_layer: module whose output is G2's reference feature; default by block position
             (:func:`default_reference_layer`; SD 1.5: ``up_blocks.2.attentions.1.transformer_blocks.0.attn2.to_q``).
         refine_layers: self-attention layers averaged into G6's affinity; default :func:`default_refine_layers`.
+        cross_layers: cross-attention layers to aggregate, instead of the variant's choice (all; the Baseline's
+            by block position); e.g. the Vanilla variant's blocks on PixArt and Flux (METHODS §3 Variants).
         timestep: the pass's timestep (100, reference configs).
         blur_kernel_size, blur_sigma: G4's Gaussian blur (5, 1.1: reference).
         rescale_floor: G4's rescaling divides by ``Z + rescale_floor * median(Z)`` (:func:`rescale_per_pixel`;
@@ -694,6 +700,7 @@ class GoCA:
         refine_order: int = 2,  # reference configs (SD 1.5, SDXL, Flux)
         reference_layer: str | None = None,  # reference configs, by block position
         refine_layers: Sequence[str] | None = None,  # reference configs, by block position
+        cross_layers: Sequence[str] | None = None,  # the variant's
         timestep: int = 100,  # reference configs
         blur_kernel_size: int = 5,  # reference
         blur_sigma: float = 1.1,  # reference (torchvision's default for 5 taps)
@@ -753,6 +760,11 @@ class GoCA:
                 )
             refine_layers = tuple(refine_layers)
         self.refine_layers = refine_layers
+        if cross_layers is not None:
+            if isinstance(cross_layers, str) or not isinstance(cross_layers, Sequence) or not cross_layers:
+                raise ConfigError(f"cross_layers must be a non-empty list of layer names or None, got {cross_layers!r}")
+            cross_layers = tuple(cross_layers)
+        self.cross_layers = cross_layers
         if isinstance(timestep, bool) or not isinstance(timestep, int) or timestep < 0:
             raise ConfigError(f"timestep must be an int >= 0 (default 100), got {timestep!r}")
         self.timestep = timestep
@@ -782,6 +794,7 @@ class GoCA:
             "background_threshold": self.background_threshold, "background_mode": self.background_mode,
             "refine_order": self.refine_order, "reference_layer": self.reference_layer,
             "refine_layers": None if self.refine_layers is None else list(self.refine_layers),
+            "cross_layers": None if self.cross_layers is None else list(self.cross_layers),
             "timestep": self.timestep, "blur_kernel_size": self.blur_kernel_size, "blur_sigma": self.blur_sigma,
             "rescale_floor": self.rescale_floor, "layer_balance": self.layer_balance,
         }
@@ -799,6 +812,11 @@ class GoCA:
     # -- layers ------------------------------------------------------------------------------------------------------
 
     def _cross_layers(self, layers: Mapping[str, LayerInfo]) -> list[LayerInfo]:
+        if self.cross_layers is not None:
+            bad = [n for n in self.cross_layers if n not in layers or layers[n].kind != "cross"]
+            if bad:
+                raise ConfigError(f"cross_layers must be cross-attention layers of the model; not: {bad[:5]}")
+            return sorted((layers[n] for n in self.cross_layers), key=lambda i: i.index)
         if self._cross_choice == "baseline":
             names = baseline_cross_layers(layers)
         else:
@@ -860,9 +878,9 @@ class GoCA:
         map_grid = max((i.grid for i in cross), key=lambda g: g[0] * g[1])
         out_weights: dict[str, torch.Tensor] = {}
         if self.head_method != "average":
-            for info in cross:
-                module = adapter.denoiser.get_submodule(info.name)
-                out_weights[info.name] = module.to_out[0].weight
+            for info in cross:  # the output projection's columns that see the heads (joint layers: image output)
+                weight = adapter.denoiser.get_submodule(info.output_module).weight
+                out_weights[info.name] = weight[:, : info.heads * info.head_dim]
         pairs: dict[str, str] = {}
         reference: str | None = None
         reference_grid: tuple[int, int] | None = None

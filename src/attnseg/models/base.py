@@ -31,6 +31,8 @@ class DiffusionAdapter(ABC):
     """
 
     family: ClassVar[str]
+    #: the family's settings per method name (see :mod:`attnseg.presets` and :meth:`method_defaults`)
+    recommended: ClassVar[dict[str, dict[str, Any]]] = {}
     denoiser: torch.nn.Module
     resolution: tuple[int, int]
 
@@ -60,12 +62,61 @@ class DiffusionAdapter(ABC):
         return next(self.denoiser.parameters()).dtype
 
     def describe(self) -> dict[str, Any]:
-        """A JSON-able summary (family, resolution, layer counts) for reports and ``attnseg list``."""
+        """A JSON-able summary (family, resolution, layer counts) for reports and ``attnseg list``.
+
+        ``layers`` counts attention modules by kind; ``parts`` counts the self/cross/reverse parts of joint layers.
+        """
         layers = self.attention_layers()
         kinds: dict[str, int] = {}
+        parts: dict[str, int] = {}
         for info in layers.values():
-            kinds[info.kind] = kinds.get(info.kind, 0) + 1
-        return {"family": self.family, "resolution": list(self.resolution), "layers": kinds}
+            target = parts if info.part else kinds
+            target[info.kind] = target.get(info.kind, 0) + 1
+        out: dict[str, Any] = {"family": self.family, "resolution": list(self.resolution), "layers": kinds}
+        if parts:
+            out["parts"] = parts
+        return out
+
+    def method_defaults(self, method: str, *, variant: str | None = None) -> dict[str, Any]:
+        """The family's settings for ``method`` on this model: ``recommended[method]`` with the overrides of
+        ``variant`` (its ``"variants"`` entry) merged in; a ``"run"`` entry holds run options (``timestep``,
+        ``add_noise``, ``size``...). Subclasses may adapt them to the loaded model (e.g. layer names to its depth).
+
+        :func:`attnseg.presets.resolve_settings` chooses the variant, puts the user's settings on top and is what
+        the pipeline applies; this method only says what the family recommends.
+        """
+        from attnseg.presets import table_defaults
+
+        return table_defaults(getattr(self, "recommended", None), method, variant=variant)
+
+    def prompt_limits(self) -> list[tuple[Any, int, str]]:
+        """``(tokenizer, token limit, encoder)`` of each text encoder that refuses a longer prompt (one-line error,
+        :func:`attnseg.prompts.check_prompt_length`) instead of cutting it; empty (the default) when prompts are cut
+        at the limit."""
+        return []
+
+    def check_prompt(self, text: str) -> None:
+        """Refuse ``text`` when it is longer than a text encoder of :meth:`prompt_limits` takes."""
+        from attnseg.prompts import check_prompt_length
+
+        for tokenizer, limit, what in self.prompt_limits():
+            check_prompt_length(tokenizer, text, limit, what)
+
+    def prompt_fitting(self, text: str, words: Any) -> list[bool]:
+        """Per word of ``words``: is all of it within what the text encoder(s) take of ``text``? With
+        :meth:`prompt_limits`, read from the tokenizers alone (the prompt may be too long to encode); else from the
+        encoded prompt (:func:`attnseg.prompts.words_within`). Methods that spread classes over several prompts
+        decide with it (e.g. GoCA's ``split_prompts``)."""
+        from attnseg.prompts import words_fitting, words_within
+
+        limits = self.prompt_limits()
+        if not limits:
+            return words_within(self.encode_prompt(text), words)
+        words = list(words)
+        fits = [True] * len(words)
+        for tokenizer, limit, _ in limits:
+            fits = [a and b for a, b in zip(fits, words_fitting(tokenizer, text, words, limit), strict=True)]
+        return fits
 
     # -- inputs --------------------------------------------------------------------------------
     @abstractmethod

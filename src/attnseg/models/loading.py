@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,18 +12,29 @@ import torch
 from attnseg.errors import ConfigError, ModelNotFoundError, UnsupportedModelError
 from attnseg.models.spec import (
     PIPELINE_FAMILIES,
-    PLANNED_FAMILIES,
+    TRANSFORMER_FAMILIES,
+    Component,
     _hub_snapshot,
+    component_class,
     describe_model,
+    detect_family,
+    download_hint,
     hub_offline,
     read_json_file,
 )
 
-__all__ = ["detect_family", "load_components", "load_model", "read_model_index"]
+__all__ = [
+    "Component",
+    "detect_family",
+    "load_components",
+    "load_model",
+    "load_pipeline_components",
+    "read_model_index",
+]
 
-# kept here for callers that import them from this module
+# kept here for callers that import them from this module (the tables live in attnseg.models.spec)
 _PIPELINE_FAMILIES = PIPELINE_FAMILIES
-_PLANNED = PLANNED_FAMILIES
+_TRANSFORMER_FAMILIES = TRANSFORMER_FAMILIES
 
 
 def _offline() -> bool:
@@ -46,12 +59,71 @@ def read_model_index(id_or_path: str, *, local_files_only: bool | None = None, r
     return read_json_file(snapshot / "model_index.json", f"model {id_or_path}")
 
 
-def detect_family(index: dict) -> str:
-    """The attnseg family of a pipeline described by ``model_index.json``."""
-    cls = index.get("_class_name", "")
-    if cls in _PIPELINE_FAMILIES:
-        return _PIPELINE_FAMILIES[cls]
-    raise UnsupportedModelError(f"pipeline class {cls or '(none)'} is not supported; supported: SD 1.x/2.x/XL")
+def load_pipeline_components(
+    id_or_path: str,
+    components: Sequence[Component],
+    *,
+    family: str,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    local_files_only: bool | None = None,
+    revision: str | None = None,
+) -> dict[str, Any]:
+    """Load the components an adapter takes from a Hub id or a local diffusers folder.
+
+    Every component is checked first (listed in ``model_index.json``, its sub-folder present in a local folder),
+    so a folder missing its T5 encoder fails in one line before any weight is read. Classes come from
+    ``model_index.json`` (``[library, class]``).
+
+    Returns:
+        ``{name: object or None}`` keyword arguments for the adapter's constructor.
+    """
+    index = read_model_index(id_or_path, local_files_only=local_files_only, revision=revision)
+    found = detect_family(index)
+    if found != family:
+        raise UnsupportedModelError(f"{id_or_path} is a {found} model, not {family}")
+    folder = Path(id_or_path).expanduser()
+    local = folder.exists()
+    plan: list[tuple[Component, str, str]] = []
+    out: dict[str, Any] = {}
+    for comp in components:
+        entry = index.get(comp.name)
+        cls_name = component_class(entry)
+        if cls_name is None:
+            if comp.required:
+                raise ModelNotFoundError(
+                    f"{id_or_path} has no {comp.role}: its model_index.json lists no {comp.name!r}; "
+                    + download_hint(id_or_path, comp.name)
+                )
+            out[comp.name] = None
+            continue
+        if local:
+            sub = folder / comp.name
+            marker = comp.config_file
+            if not sub.is_dir() or (marker is not None and not (sub / marker).is_file()) or not any(sub.iterdir()):
+                raise ModelNotFoundError(
+                    f"{folder} is missing its {comp.role} ({comp.name}/); " + download_hint(id_or_path, comp.name)
+                )
+        plan.append((comp, str(entry[0]), cls_name))
+
+    common: dict[str, Any] = {"revision": revision}
+    if local_files_only or _offline():
+        common["local_files_only"] = True
+    for comp, library, cls_name in plan:
+        try:
+            cls = getattr(importlib.import_module(library), cls_name)
+            kwargs = dict(common, subfolder=comp.name)
+            if comp.kind == "model":
+                kwargs["torch_dtype" if library == "diffusers" else "dtype"] = dtype
+            obj = cls.from_pretrained(id_or_path, **kwargs)
+        except (OSError, ValueError, ImportError, AttributeError, TypeError) as exc:
+            text = str(exc).strip()
+            first = text.splitlines()[0] if text else type(exc).__name__
+            raise ModelNotFoundError(f"cannot load the {comp.role} ({comp.name}) of {id_or_path}: {first}") from None
+        if comp.kind == "model":
+            obj = obj.to(device).eval().requires_grad_(False)
+        out[comp.name] = obj
+    return out
 
 
 def load_components(
@@ -69,7 +141,7 @@ def load_components(
     if found != family:
         raise UnsupportedModelError(f"{id_or_path} is a {found} model, not {family}")
     if family != "unet":
-        raise UnsupportedModelError(f"{_PLANNED.get(family, family)} models are not supported yet")
+        raise UnsupportedModelError(f"load_components loads UNet models; load {family} models with load_model")
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -125,8 +197,10 @@ def load_model(
         describe_model(id_or_path)  # every configuration file checked (one-line errors) before the weights load
     index = read_model_index(id_or_path, local_files_only=local_only)
     family = detect_family(index)
-    if family == "unet":
-        from attnseg.models.unet import UNetAdapter
+    from attnseg.models import import_builtin_adapters
+    from attnseg.models.base import ADAPTERS
 
-        return UNetAdapter.from_pretrained(id_or_path, dtype=dtype, device=device, **kwargs)
-    raise UnsupportedModelError(f"{_PLANNED.get(family, family)} models are not supported yet ({id_or_path})")
+    import_builtin_adapters()
+    return ADAPTERS.get(family).from_pretrained(
+        id_or_path, dtype=dtype, device=device, local_files_only=local_only, **kwargs
+    )

@@ -18,19 +18,25 @@ import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlparse
 
 from attnseg.errors import ConfigError, InvalidModelError, ModelNotFoundError, UnsupportedModelError
 
 __all__ = [
+    "DIT_COMPONENTS",
     "DTYPES",
     "PIPELINE_FAMILIES",
-    "PLANNED_FAMILIES",
+    "SUPPORTED",
+    "TRANSFORMER_FAMILIES",
+    "Component",
     "ModelSpec",
     "check_device",
     "check_dtype",
+    "component_class",
     "describe_model",
+    "detect_family",
+    "download_hint",
     "hub_offline",
     "hub_reachable",
     "read_json_file",
@@ -47,8 +53,76 @@ PIPELINE_FAMILIES: dict[str, str] = {
     "FluxPipeline": "flux",
     "FluxImg2ImgPipeline": "flux",
     "StableDiffusion3Pipeline": "sd3",
+    "StableDiffusion3Img2ImgPipeline": "sd3",
 }
-PLANNED_FAMILIES: dict[str, str] = {"pixart": "PixArt-Sigma", "flux": "Flux", "sd3": "Stable Diffusion 3"}
+# diffusers denoiser class -> attnseg family (the denoiser decides when the pipeline class is unknown)
+TRANSFORMER_FAMILIES: dict[str, str] = {
+    "PixArtTransformer2DModel": "pixart",
+    "SD3Transformer2DModel": "sd3",
+    "FluxTransformer2DModel": "flux",
+}
+SUPPORTED = "SD 1.x/2.x/XL (UNet), PixArt-Sigma, SD3/3.5, Flux.1"
+
+
+@dataclass(frozen=True)
+class Component:
+    """One component of a diffusers pipeline folder, as an adapter's constructor takes it.
+
+    Attributes:
+        name: the ``model_index.json`` key, sub-folder and constructor argument (``"text_encoder_2"``).
+        role: what it is, for messages (``"T5 text encoder"``).
+        kind: ``"model"`` (weights: moved to the device, eval mode, dtype), ``"tokenizer"`` or ``"scheduler"``.
+        required: whether the adapter needs it (an optional component the index lists as null is passed as None).
+    """
+
+    name: str
+    role: str
+    kind: Literal["model", "tokenizer", "scheduler"] = "model"
+    required: bool = True
+
+    @property
+    def config_file(self) -> str | None:
+        """The file that must be in its sub-folder (None: any file, e.g. a tokenizer's)."""
+        return {"model": "config.json", "scheduler": "scheduler_config.json"}.get(self.kind)
+
+
+#: The components each diffusion-transformer family's adapter takes (its ``components``), in load order.
+DIT_COMPONENTS: dict[str, tuple[Component, ...]] = {
+    "pixart": (
+        Component("transformer", "PixArt transformer"),
+        Component("vae", "VAE"),
+        Component("text_encoder", "T5 text encoder"),
+        Component("tokenizer", "T5 tokenizer", "tokenizer"),
+        Component("scheduler", "scheduler", "scheduler"),
+    ),
+    "sd3": (
+        Component("transformer", "SD3 transformer"),
+        Component("vae", "VAE"),
+        Component("text_encoder", "CLIP-L text encoder"),
+        Component("tokenizer", "CLIP-L tokenizer", "tokenizer"),
+        Component("text_encoder_2", "CLIP-G text encoder"),
+        Component("tokenizer_2", "CLIP-G tokenizer", "tokenizer"),
+        Component("scheduler", "scheduler", "scheduler"),
+        Component("text_encoder_3", "T5 text encoder", required=False),
+        Component("tokenizer_3", "T5 tokenizer", "tokenizer", required=False),
+    ),
+    "flux": (
+        Component("transformer", "Flux transformer"),
+        Component("vae", "VAE"),
+        Component("text_encoder", "CLIP text encoder"),
+        Component("tokenizer", "CLIP tokenizer", "tokenizer"),
+        Component("text_encoder_2", "T5 text encoder"),
+        Component("tokenizer_2", "T5 tokenizer", "tokenizer"),
+        Component("scheduler", "scheduler", "scheduler"),
+    ),
+}
+#: T5 tokens per family when the adapter is not told otherwise (the diffusers pipelines' defaults; Flux: at most
+#: its tokenizer's limit). The adapters' ``max_sequence_length`` defaults are these.
+T5_TOKENS: dict[str, int] = {"pixart": 300, "sd3": 256, "flux": 512}
+#: latent cells per image token along a side where the transformer config does not say it (Flux packs 2x2)
+_PACKING: dict[str, int] = {"flux": 2}
+#: latent cells of the default input when the transformer config has no sample_size (the pipelines' 128)
+DIT_SAMPLE_SIZE = 128
 
 OFFLINE_HINT = (
     "If you are offline, download the model elsewhere (e.g. `hf download {id} --local-dir DIR`) and pass the "
@@ -71,7 +145,13 @@ class ModelSpec:
         num_train_timesteps: length of the training schedule (valid timesteps are ``0 .. n - 1``).
         latent_scale: pixels per latent cell along each side (1 in pixel space).
         resolution: the default ``(H, W)`` input size.
-        text_max_length: the text encoder's token limit (start and end tokens included), when known.
+        text_max_length: the token limit of the tokenizer words are looked up with (start and end tokens
+            included), when known.
+        patch_size: latent cells per image token along a side (diffusion transformers; 1 for UNets): input sides
+            are multiples of ``latent_scale * patch_size``.
+        word_tokenizer: the sub-folder of the tokenizer words are looked up with (Flux: ``"tokenizer_2"``, T5).
+        prompt_limits: ``(tokenizer sub-folder, token limit, encoder)`` of each text encoder that refuses a longer
+            prompt instead of cutting it (the diffusion transformers' T5, SD3's CLIP); empty when prompts are cut.
     """
 
     name: str
@@ -82,6 +162,9 @@ class ModelSpec:
     latent_scale: int
     resolution: tuple[int, int]
     text_max_length: int | None = None
+    patch_size: int = 1
+    word_tokenizer: str = "tokenizer"
+    prompt_limits: tuple[tuple[str, int, str], ...] = ()
 
     def check_timestep(self, timestep: int, *, flag: str = "--timestep") -> None:
         """Raise :class:`ConfigError` unless ``0 <= timestep < num_train_timesteps``."""
@@ -90,18 +173,21 @@ class ModelSpec:
             raise ConfigError(f"{flag} {timestep} is outside this model's training schedule: use 0 .. {n - 1}")
 
     def check_size(self, size: int, *, flag: str = "--size") -> None:
-        """Raise :class:`ConfigError` unless ``size`` is a positive multiple of ``2 * latent_scale``."""
-        step = self.latent_scale
+        """Raise :class:`ConfigError` unless ``size`` is a multiple of ``latent_scale * patch_size`` (one image
+        token) and at least twice that."""
+        step = self.latent_scale * self.patch_size
         if size < 2 * step or size % step:
-            what = f"a multiple of {step} (the model's latent scale) and " if step > 1 else ""
+            scale = "one image token" if self.patch_size > 1 else "the model's latent scale"
+            what = f"a multiple of {step} ({scale}) and " if step > 1 else ""
             raise ConfigError(
                 f"{flag} {size} does not fit this model: use {what}at least {2 * step} px, "
                 f"e.g. {flag} {self.resolution[0]}"
             )
 
-    def tokenizer(self) -> Any:
-        """The model's (first) tokenizer, loaded alone: a :class:`~attnseg.toyworld.tokenizer.WordTokenizer` for
-        the toy model, else the ``transformers`` tokenizer of the folder's ``tokenizer/``."""
+    def tokenizer(self, subfolder: str | None = None) -> Any:
+        """The tokenizer words are looked up with (or the one in ``subfolder``), loaded alone: a
+        :class:`~attnseg.toyworld.tokenizer.WordTokenizer` for the toy model, else the ``transformers`` tokenizer of
+        the folder's :attr:`word_tokenizer` (``tokenizer/``; Flux: ``tokenizer_2/``, its T5)."""
         if self.family == "toyworld":
             from attnseg.toyworld.tokenizer import WordTokenizer
 
@@ -109,17 +195,26 @@ class ModelSpec:
             return WordTokenizer.from_dict(config["tokenizer"])
         from transformers import AutoTokenizer
 
+        sub = subfolder or self.word_tokenizer
         if self.source == "hub":
-            where, kwargs = self.name, {"subfolder": "tokenizer", "local_files_only": hub_offline()}
-        elif self.folder is not None and (self.folder / "tokenizer").is_dir():
-            where, kwargs = str(self.folder / "tokenizer"), {}
+            where, kwargs = self.name, {"subfolder": sub, "local_files_only": hub_offline()}
+        elif self.folder is not None and (self.folder / sub).is_dir():
+            where, kwargs = str(self.folder / sub), {}
         else:
-            raise ModelNotFoundError(f"{self.name} has no tokenizer/ folder: the model folder is incomplete")
+            raise ModelNotFoundError(f"{self.name} has no {sub}/ folder: the model folder is incomplete")
         try:
             return AutoTokenizer.from_pretrained(where, **kwargs)
         except (OSError, ValueError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise InvalidModelError(f"cannot read the tokenizer of {self.name}: {first}") from None
+
+    def check_prompt(self, text: str) -> None:
+        """Refuse (one line) a prompt longer than a text encoder of :attr:`prompt_limits` takes; only the
+        tokenizers are read (prompts of models that cut long prompts pass)."""
+        from attnseg.prompts import check_prompt_length
+
+        for sub, limit, what in self.prompt_limits:
+            check_prompt_length(self.tokenizer(sub), text, limit, what)
 
 
 def check_dtype(dtype: str) -> None:
@@ -192,6 +287,47 @@ def hub_reachable(timeout: float = 2.0) -> bool:
             return True
     except OSError:
         return False
+
+
+def component_class(entry: Any) -> str | None:
+    """The class name of a ``model_index.json`` component entry ``[library, class]`` (None when absent or null)."""
+    if isinstance(entry, list | tuple) and len(entry) == 2 and entry[1] not in (None, "null"):
+        return str(entry[1])
+    return None
+
+
+def detect_family(index: dict[str, Any]) -> str:
+    """The attnseg family of a pipeline described by ``model_index.json``: by its denoiser class (a
+    ``transformer`` entry) when it has one, else by its pipeline class.
+
+    Raises:
+        UnsupportedModelError: a transformer or pipeline class attnseg does not support, or a pipeline class that
+            does not go with its transformer.
+    """
+    cls = index.get("_class_name", "")
+    denoiser = component_class(index.get("transformer"))
+    if denoiser is not None:
+        family = TRANSFORMER_FAMILIES.get(denoiser)
+        if family is None:
+            known = ", ".join(TRANSFORMER_FAMILIES)
+            raise UnsupportedModelError(
+                f"transformer class {denoiser} ({cls or 'unknown pipeline'}) is not supported; supported transformer "
+                f"classes: {known}"
+            )
+        if cls in PIPELINE_FAMILIES and PIPELINE_FAMILIES[cls] != family:
+            raise UnsupportedModelError(f"pipeline class {cls} does not go with transformer class {denoiser}")
+        return family
+    if cls in PIPELINE_FAMILIES:
+        return PIPELINE_FAMILIES[cls]
+    raise UnsupportedModelError(f"pipeline class {cls or '(none)'} is not supported; supported: {SUPPORTED}")
+
+
+def download_hint(id_or_path: str, component: str) -> str:
+    """How to complete a model missing ``component``."""
+    return (
+        f"download the complete model (e.g. `hf download REPO --local-dir {id_or_path}`, or at least "
+        f"`--include '{component}/*'`)"
+    )
 
 
 def _looks_like_path(name: str) -> bool:
@@ -346,11 +482,9 @@ def _diffusers_spec(name: str, folder: Path, source: str) -> ModelSpec:
     cls = index.get("_class_name")
     if not isinstance(cls, str) or not cls:
         raise InvalidModelError(f"{index_path} has no _class_name: it does not describe a diffusers pipeline")
-    family = PIPELINE_FAMILIES.get(cls)
-    if family is None:
-        raise UnsupportedModelError(f"pipeline class {cls} is not supported; supported: SD 1.x/2.x/XL")
-    if family != "unet":
-        raise UnsupportedModelError(f"{PLANNED_FAMILIES.get(family, family)} models are not supported yet ({name})")
+    family = detect_family(index)
+    if family in DIT_COMPONENTS:
+        return _dit_spec(name, folder, source, index, family)
     missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if c not in index]
     if missing:
         raise InvalidModelError(f"{index_path} lists no {', '.join(missing)}: the pipeline is incomplete")
@@ -402,3 +536,85 @@ def _diffusers_spec(name: str, folder: Path, source: str) -> ModelSpec:
     return ModelSpec(name=name, family=family, source=source, folder=folder, num_train_timesteps=steps,
                      latent_scale=latent_scale, resolution=resolution,
                      text_max_length=int(limit) if isinstance(limit, int) else None)
+
+
+def _dit_spec(name: str, folder: Path, source: str, index: dict[str, Any], family: str) -> ModelSpec:
+    """A diffusion transformer (PixArt, SD3, Flux) from its configuration files: every component its adapter takes
+    listed and present, the components fitting together, sizes, schedule and token limits."""
+    present: set[str] = set()
+    for comp in DIT_COMPONENTS[family]:
+        if component_class(index.get(comp.name)) is None:
+            if comp.required:
+                raise ModelNotFoundError(
+                    f"{name} has no {comp.role}: its model_index.json lists no {comp.name!r}; "
+                    + download_hint(name, comp.name)
+                )
+            continue
+        if source == "folder":
+            sub = folder / comp.name
+            marker = comp.config_file
+            if not sub.is_dir() or (marker is not None and not (sub / marker).is_file()) or not any(sub.iterdir()):
+                raise ModelNotFoundError(f"{folder} is missing its {comp.role} ({comp.name}/); "
+                                         + download_hint(name, comp.name))
+        present.add(comp.name)
+
+    def get(component: str, filename: str = "config.json", required: bool = True) -> dict[str, Any]:
+        return _component_config(name, folder, source, component, filename, required=required) or {}
+
+    transformer = get("transformer")
+    vae = get("vae")
+    scheduler = get("scheduler", "scheduler_config.json")
+    blocks = vae.get("block_out_channels")
+    if not isinstance(blocks, list) or not blocks:
+        raise InvalidModelError(f"{name}: vae/config.json has no block_out_channels")
+    latent_scale = 2 ** (len(blocks) - 1)
+    patch = _PACKING.get(family) or transformer.get("patch_size") or 1
+    latent = vae.get("latent_channels")
+    channels = transformer.get("in_channels")
+    if isinstance(latent, int) and isinstance(channels, int) and channels != latent * (_PACKING.get(family, 1) ** 2):
+        raise InvalidModelError(
+            f"{name}: the transformer takes {channels} input channels but the VAE gives {latent} latent channels"
+            + (" (packed 2x2)" if family in _PACKING else "") + "; the components come from different models"
+        )
+    # the width of the text states the transformer reads, against the T5 encoder that makes them
+    t5 = {"pixart": "text_encoder", "sd3": "text_encoder_3", "flux": "text_encoder_2"}[family]
+    width_key = "caption_channels" if family == "pixart" else "joint_attention_dim"
+    if t5 in present:
+        t5_width = get(t5).get("d_model")
+        width = transformer.get(width_key)
+        if isinstance(t5_width, int) and isinstance(width, int) and t5_width != width:
+            raise InvalidModelError(
+                f"{name}: the transformer expects text states of width {width} ({width_key}) but the T5 encoder "
+                f"({t5}/) gives {t5_width}; the components come from different models"
+            )
+    sample = transformer.get("sample_size") or DIT_SAMPLE_SIZE
+    sample = sample if isinstance(sample, list) else [sample, sample]
+    try:
+        resolution = (int(sample[0]) * latent_scale, int(sample[1]) * latent_scale)
+        steps = int(scheduler.get("num_train_timesteps", 1000))
+        patch = int(patch)
+    except (TypeError, ValueError, IndexError):
+        raise InvalidModelError(f"{name}: transformer/config.json sample_size or the scheduler's schedule is invalid"
+                                ) from None
+
+    def limit(sub: str) -> int | None:
+        value = get(sub, "tokenizer_config.json", required=False).get("model_max_length")
+        return value if isinstance(value, int) and value < 100_000 else None  # a huge number means "no limit"
+
+    t5_tokens = T5_TOKENS[family]
+    if family == "pixart":
+        words, limits = "tokenizer", (("tokenizer", t5_tokens, "the T5 text encoder"),)
+        text_max = t5_tokens
+    elif family == "flux":
+        t5_limit = min(limit("tokenizer_2") or t5_tokens, t5_tokens)
+        words, limits = "tokenizer_2", (("tokenizer_2", t5_limit, "the T5 text encoder"),)
+        text_max = t5_limit
+    else:  # SD3 reads words from CLIP; both CLIP encoders take the CLIP-L tokenizer's limit, T5 its own
+        clip_limit = limit("tokenizer") or get("text_encoder").get("max_position_embeddings")
+        clip = (("tokenizer", int(clip_limit), "the CLIP text encoders"),) if isinstance(clip_limit, int) else ()
+        t5_part = (("tokenizer_3", t5_tokens, "the T5 text encoder"),) if "tokenizer_3" in present else ()
+        words, limits = "tokenizer", clip + t5_part
+        text_max = clip_limit if isinstance(clip_limit, int) else None
+    return ModelSpec(name=name, family=family, source=source, folder=folder, num_train_timesteps=steps,
+                     latent_scale=latent_scale, resolution=resolution, text_max_length=text_max, patch_size=patch,
+                     word_tokenizer=words, prompt_limits=limits)

@@ -79,20 +79,27 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
     return values
 
 
+def family_defaults(adapter: DiffusionAdapter, method: str) -> dict[str, Any]:
+    """The hyper-parameters ``method`` runs with on ``adapter`` when the page sets none (the family preset)."""
+    from attnseg.presets import resolve_settings
+
+    return resolve_settings(method, adapter).params
+
+
 def method_settings(
     adapter: DiffusionAdapter, method: str, *, classes: str = "", target: str = "", prompt: str = "",
     ks: str = "", kl_threshold: float | None = None, background_threshold: float | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(method hyper-parameters, run options)``: the model's recommended settings for ``method`` with the page's
-    values on top."""
+    """``(method hyper-parameters, run options)`` the page sets for ``method``; the pipeline puts them over the
+    model family's settings (:func:`attnseg.presets.resolve_settings`)."""
     if method not in METHODS:
         raise ConfigError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
-    params = dict(getattr(adapter, "recommended", {}).get(method, {}))
-    run = dict(params.pop("run", {}))
+    params: dict[str, Any] = {}
+    run: dict[str, Any] = {}
     prompt = (prompt or "").strip()
     if method == "diffseg":
-        if kl_threshold is not None:
-            n = len(params.get("kl_thresholds", (1.1, 1.1, 1.1)))
+        if kl_threshold is not None:  # one threshold per resolution, as many as the family's (or DiffSeg's) list
+            n = len(family_defaults(adapter, "diffseg").get("kl_thresholds", (1.1, 1.1, 1.1)))
             params["kl_thresholds"] = (float(kl_threshold),) * n
         if prompt:
             run["prompt"] = prompt
@@ -130,21 +137,19 @@ def segment_request(
     """
     from attnseg.cli.segment import write_output
     from attnseg.io.geometry import check_fit
-    from attnseg.methods.base import create_method
     from attnseg.pipeline import AttentionSegmentationPipeline
 
     if image is None or not str(image):
         raise ConfigError("no image: upload one, or pick an example below")
     fit_choice = check_fit(fit)
     params, run = method_settings(adapter, method, **settings)
-    seg = create_method(method, **params)
+    pipe = AttentionSegmentationPipeline(adapter, method, fit=fit_choice, **params)  # the family's settings below
+    seg = pipe.method
     if fit_choice == "native" and getattr(seg, "square_grids", False):
         raise ConfigError(f"fit 'native' gives inputs of the image's shape, but {method} needs square attention "
                           "grids: choose pad")
     start = time.perf_counter()
-    pipe = AttentionSegmentationPipeline(adapter, seg, fit=fit_choice)
-    size = run.pop("size", None)
-    output = pipe.run(image, size=tuple(size) if size else None, seed=int(seed), **run)
+    output = pipe.run(image, seed=int(seed), **run)
     out = Path(tempfile.mkdtemp(prefix="request-", dir=workdir))
     stem = Path(str(image)).stem or "image"
     written = write_output(output, out, stem, heatmaps=True, pca_rgb=False, method=seg)
@@ -172,9 +177,8 @@ def build_app(adapter: DiffusionAdapter, model_name: str, *, workdir: Path | Non
 
     workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="attnseg-serve-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    recommended = getattr(adapter, "recommended", {})
-    kl_default = float(recommended.get("diffseg", {}).get("kl_thresholds", (1.1,))[0])
-    bg_default = float(recommended.get("goca", {}).get("background_threshold", 0.5))
+    kl_default = float(family_defaults(adapter, "diffseg").get("kl_thresholds", (1.1,))[0])
+    bg_default = float(family_defaults(adapter, "goca").get("background_threshold", 0.5))
     toy = getattr(adapter, "family", "") == "toyworld"
 
     def run(image: str | None, method: str, classes: str, target: str, prompt: str, ks: str, kl: float,
