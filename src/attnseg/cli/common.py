@@ -146,7 +146,7 @@ def model_banner(adapter: Any, name: str) -> str:
     family = getattr(adapter, "family", "")
     h, w = getattr(adapter, "resolution", (0, 0))
     line = f"model: {name} ({family}, {w}x{h} px input)"
-    if family == "toyworld":
+    if family in ("toyworld", "toyworld-flux"):
         line += f"; {TOY_NOTE}"
     return line
 

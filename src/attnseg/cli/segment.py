@@ -191,6 +191,10 @@ def segment_cmd(
     allow_unknown: bool = typer.Option(
         False, "--allow-unknown", help="Skip class names the model's vocabulary cannot represent (with a warning)."
     ),
+    paper_defaults: bool = typer.Option(
+        False, "--paper-defaults", help="The method's paper settings (e.g. DiffSeg's absolute KL threshold 1.1) "
+        "instead of the model family's defaults (`attnseg list` shows both)."
+    ),
 ) -> None:
     """Segment images and write label PNGs, colour overlays and per-segment JSON at each image's own size.
 
@@ -240,7 +244,8 @@ def segment_cmd(
         if not as_json:
             typer.echo(model_banner(adapter, model), err=True)
         # the method by name with the user's keywords: the pipeline puts the family's settings under them
-        pipe = AttentionSegmentationPipeline(adapter, method, fit=fit_choice, **checked.params)
+        pipe = AttentionSegmentationPipeline(adapter, method, fit=fit_choice,
+                                             preset="paper" if paper_defaults else "family", **checked.params)
         timestep_used = pipe.options(timestep=timestep).timestep
         if timestep is None and timestep_used != seg.run_options().timestep:
             checked.spec.check_timestep(timestep_used, flag=f"the {adapter.family} timestep of {method}")
@@ -257,7 +262,8 @@ def segment_cmd(
             task = progress.add_task("segmenting", total=len(items))
             summary = stream_segment(pipe, items, job, strict=len(items) == 1, decoded=decoded,
                                      on_image=lambda _entry: progress.advance(task))
-        report = {"model": model, "method": method, "fit": fit_choice, **summary.to_dict()}
+        report = {"model": model, "method": method, "fit": fit_choice, "settings": pipe.settings.to_dict(),
+                  **summary.to_dict()}
         if as_json:
             typer.echo(json.dumps(report, indent=2))
         else:

@@ -12,7 +12,7 @@ __all__ = [
     "list_model_families",
 ]
 
-_BUILTIN = ("unet", "pixart", "sd3", "flux", "toy")
+_BUILTIN = ("unet", "pixart", "sd3", "flux", "toy", "toy_flux")
 
 
 def import_builtin_adapters() -> None:
@@ -30,7 +30,8 @@ def list_model_families() -> dict[str, str]:
         "pixart": "PixArt-Sigma / PixArt-alpha (PixArtTransformer2DModel, T5 with attention mask, DDPM)",
         "sd3": "Stable Diffusion 3 / 3.5 (SD3Transformer2DModel, joint attention, image tokens first, flow matching)",
         "flux": "Flux.1 dev / schnell (FluxTransformer2DModel, joint attention, text tokens first, flow matching)",
-        "toyworld": "attnseg's bundled toy text-to-image model (--model toyworld, offline)",
+        "toyworld": "attnseg's bundled toy text-to-image UNet (--model toyworld, offline)",
+        "toyworld-flux": "attnseg's bundled toy Flux-architecture transformer (--model toyworld-flux, offline)",
     }
 
 

@@ -169,6 +169,10 @@ def load_components(
             "scheduler": scheduler, **extra}
 
 
+TOY_MODELS = {"toyworld": "unet", "toyworld-flux": "flux"}
+"""The bundled toy models by name, and their architecture."""
+
+
 def load_model(
     id_or_path: str,
     *,
@@ -185,12 +189,17 @@ def load_model(
         if dtype not in ("float32", "float16", "bfloat16"):
             raise ConfigError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
         dtype = getattr(torch, dtype)
-    from attnseg.toyworld.model import is_toy_model_dir
+    from attnseg.toyworld.model import is_toy_model_dir, toy_model_arch
 
-    if id_or_path == "toyworld" or is_toy_model_dir(id_or_path):
+    if id_or_path in TOY_MODELS or is_toy_model_dir(id_or_path):
+        arch = TOY_MODELS.get(id_or_path) or toy_model_arch(id_or_path)
+        path = None if id_or_path in TOY_MODELS else id_or_path
+        if arch == "flux":
+            from attnseg.models.toy_flux import ToyFluxAdapter
+
+            return ToyFluxAdapter.from_pretrained(path, dtype=dtype, device=device, **kwargs)
         from attnseg.models.toy import ToyAdapter
 
-        path = None if id_or_path == "toyworld" else id_or_path
         return ToyAdapter.from_pretrained(path, dtype=dtype, device=device, **kwargs)
     local_only = kwargs.pop("local_files_only", None)
     if not local_only:

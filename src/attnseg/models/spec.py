@@ -139,7 +139,8 @@ class ModelSpec:
 
     Attributes:
         name: the model as given (``"toyworld"``, a folder, or a Hub id).
-        family: ``"toyworld"`` or a family of :data:`PIPELINE_FAMILIES` (``"unet"`` for SD 1.x/2.x/XL).
+        family: ``"toyworld"`` / ``"toyworld-flux"`` (the toy models) or a family of :data:`PIPELINE_FAMILIES`
+            (``"unet"`` for SD 1.x/2.x/XL).
         source: ``"bundled"``, ``"folder"`` or ``"hub"``.
         folder: the local folder holding the configuration files (for the Hub: the cache snapshot), or None.
         num_train_timesteps: length of the training schedule (valid timesteps are ``0 .. n - 1``).
@@ -188,7 +189,7 @@ class ModelSpec:
         """The tokenizer words are looked up with (or the one in ``subfolder``), loaded alone: a
         :class:`~attnseg.toyworld.tokenizer.WordTokenizer` for the toy model, else the ``transformers`` tokenizer of
         the folder's :attr:`word_tokenizer` (``tokenizer/``; Flux: ``tokenizer_2/``, its T5)."""
-        if self.family == "toyworld":
+        if self.family in ("toyworld", "toyworld-flux"):
             from attnseg.toyworld.tokenizer import WordTokenizer
 
             config = _toy_config(self.folder)
@@ -345,10 +346,11 @@ def describe_model(name: str, *, revision: str | None = None) -> ModelSpec:
     """
     if not isinstance(name, str) or not name.strip():
         raise ConfigError("--model is empty: give 'toyworld', a local diffusers folder or a Hub id")
-    from attnseg.toyworld.model import WEIGHTS_DIR, is_toy_model_dir
+    from attnseg.toyworld.model import BUNDLED, is_toy_model_dir
 
-    if name == "toyworld":
-        return _toy_spec(name, WEIGHTS_DIR, "bundled")
+    bundled = {"toyworld": "unet", "toyworld-flux": "flux"}
+    if name in bundled:
+        return _toy_spec(name, BUNDLED[bundled[name]], "bundled")
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -379,7 +381,7 @@ def _toy_config(folder: Path | None) -> dict[str, Any]:
 def _toy_spec(name: str, folder: Path, source: str) -> ModelSpec:
     from attnseg.toyworld.model import CONFIG_FILE, WEIGHTS_FILE
 
-    what = "the bundled toy-world model" if source == "bundled" else f"toy model {name}"
+    what = f"the bundled toy-world model {name}" if source == "bundled" else f"toy model {name}"
     if not (folder / WEIGHTS_FILE).is_file() or not (folder / CONFIG_FILE).is_file():
         raise ModelNotFoundError(f"{what}: {folder} lacks {WEIGHTS_FILE} or {CONFIG_FILE}; re-install attnseg or "
                                  "train one with `attnseg toyworld train --out DIR`")
@@ -390,8 +392,10 @@ def _toy_spec(name: str, folder: Path, source: str) -> ModelSpec:
         steps = int((config.get("scheduler") or {}).get("num_train_timesteps", 1000))
     except (KeyError, TypeError, ValueError) as exc:
         raise InvalidModelError(f"{what}: {folder / CONFIG_FILE} lacks a valid field ({exc})") from None
-    return ModelSpec(name=name, family="toyworld", source=source, folder=folder, num_train_timesteps=steps,
-                     latent_scale=1, resolution=(size, size), text_max_length=max_length)
+    flux = config.get("arch") == "flux"
+    return ModelSpec(name=name, family="toyworld-flux" if flux else "toyworld", source=source, folder=folder,
+                     num_train_timesteps=steps, latent_scale=1, resolution=(size, size), text_max_length=max_length,
+                     patch_size=2 if flux else 1)
 
 
 # --------------------------------------------------------------------------------------------

@@ -44,12 +44,12 @@ class ToyAdapter(DiffusionAdapter):
     """
 
     family = "toyworld"
-    #: settings chosen on the toy world's val split (benchmarks/toyworld.py); the demo uses them
+    #: settings chosen on the toy world's val split (benchmarks/toyworld.py); the library's own defaults
+    #: (relative thresholds) otherwise
     recommended: ClassVar[dict[str, dict[str, Any]]] = {
         # scenes upsampled to 64 px give 32x32 and 16x16 attention grids, which segment better than 16 and 8
-        "diffseg": {"kl_thresholds": (0.5, 0.5, 0.5), "run": {"timestep": 100, "add_noise": True, "size": (64, 64)}},
-        "goca": {"variant": "vanilla", "background_threshold": 0.5, "run": {"size": (64, 64)}},
-        # trained without caption dropout: no unconditional branch, so no classifier-free guidance
+        "diffseg": {"run": {"timestep": 100, "add_noise": True, "size": (64, 64)}},
+        "goca": {"run": {"size": (64, 64)}},
         "generate": {"guidance_scale": 1.0, "num_inference_steps": 100},
     }
 

@@ -45,6 +45,7 @@ __all__ = [
     "load_toy_model",
     "save_toy_model",
     "sha256_file",
+    "toy_model_arch",
 ]
 
 WEIGHTS_ROOT = Path(__file__).resolve().parent / "weights"
@@ -395,6 +396,15 @@ def is_toy_model_dir(path: str | Path) -> bool:
         return False
     denoiser = "transformer" if d.get("arch") == "flux" else "unet"
     return {"world", denoiser, "text_encoder"} <= set(d)
+
+
+def toy_model_arch(path: str | Path) -> str:
+    """The architecture (``"unet"`` or ``"flux"``) a toy model folder's ``config.json`` declares."""
+    try:
+        d = json.loads((Path(path) / CONFIG_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return "unet"
+    return str(d.get("arch", "unet")) if isinstance(d, dict) else "unet"
 
 
 def load_toy_model(

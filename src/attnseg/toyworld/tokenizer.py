@@ -17,6 +17,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 __all__ = ["SPECIAL_TOKENS", "Encoding", "WordTokenizer"]
 
@@ -128,6 +129,17 @@ class WordTokenizer:
         offsets += [(0, 0)] * pad
         special += [True] * pad
         return Encoding(tuple(ids), tuple(tokens), tuple(offsets), tuple(special), length, truncated)
+
+    def encode_with_offsets(self, text: str, max_length: int | None = None) -> Any:
+        """``text`` as an :class:`attnseg.prompts.Tokenized` (what :func:`attnseg.prompts.tokenize` returns for the
+        Hugging Face tokenizers); ``max_length`` must be this tokenizer's (its sequences have a fixed length)."""
+        from attnseg.prompts import Tokenized
+
+        if max_length is not None and max_length != self.max_length:
+            raise ValueError(f"this tokenizer pads to {self.max_length} tokens, not {max_length}")
+        enc = self(text)
+        return Tokenized(token_ids=enc.ids, tokens=enc.tokens, offsets=enc.offsets, special=enc.special,
+                         length=enc.length)
 
     def batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of several texts, ``(B, T)`` as nested lists (wrap with ``torch.tensor``)."""

@@ -179,7 +179,7 @@ def build_app(adapter: DiffusionAdapter, model_name: str, *, workdir: Path | Non
     workdir.mkdir(parents=True, exist_ok=True)
     kl_default = float(family_defaults(adapter, "diffseg").get("kl_thresholds", (1.1,))[0])
     bg_default = float(family_defaults(adapter, "goca").get("background_threshold", 0.5))
-    toy = getattr(adapter, "family", "") == "toyworld"
+    toy = getattr(adapter, "family", "") in ("toyworld", "toyworld-flux")
 
     def run(image: str | None, method: str, classes: str, target: str, prompt: str, ks: str, kl: float,
             background: float, fit: str, seed: float) -> tuple[Any, ...]:
