@@ -57,6 +57,22 @@ def test_segment_images_and_folder(tiny_sd_dir, rgb_image, tmp_path):
         assert (out / f"{stem}.attention.safetensors").is_file()
 
 
+def test_segment_paper_defaults_and_the_settings_it_reports(tiny_sd_dir, rgb_image, tmp_path):
+    res = _run("segment", rgb_image, "--model", tiny_sd_dir, "--out", tmp_path / "paper", "--json",
+               "--paper-defaults", "-P", "num_anchors=4")
+    assert res.exit_code == 0, res.output
+    settings = json.loads(res.stdout)["settings"]
+    assert settings["preset"] == "paper" and settings["params"]["threshold_mode"] == "absolute"
+    assert settings["sources"] == {"threshold_mode": "paper", "kl_thresholds": "paper", "num_anchors": "user"}
+    info = json.loads((tmp_path / "paper" / "two-halves.json").read_text())
+    assert info["params"]["kl_thresholds"] == [1.1, 1.1, 1.1]
+    res = _run("segment", rgb_image, "--model", tiny_sd_dir, "--out", tmp_path / "family", "--json",
+               "-P", "num_anchors=4")
+    assert json.loads(res.stdout)["settings"]["params"].get("threshold_mode") is None  # the relative default
+    info = json.loads((tmp_path / "family" / "two-halves.json").read_text())
+    assert info["params"]["threshold_mode"] == "relative"
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -781,3 +781,13 @@ def test_pad_scores_every_label_pixel_and_never_padding(toy_data, tiny_sd_dir, t
     assert [r["label_size"] for r in records] == [[40, 40 + 4 * i] for i in range(NUM_IMAGES)]
     res = _cli(*_base(toy_data, tiny_sd_dir, tmp_path / "bad", "--crop", "pad", "--score-at", "input"))
     assert res.exit_code == 2 and "score_at must be 'label'" in res.output
+
+
+def test_paper_defaults_put_the_papers_settings_under_the_given_ones(toy_data, tiny_sd_dir, tmp_path):
+    out = tmp_path / "paper"
+    res = _cli("evaluate", "--dataset", "generic", "--root", toy_data, "--model", tiny_sd_dir, "--method", "diffseg",
+               "-P", "num_anchors=4", "--paper-defaults", "--limit", "1", "--out", out)
+    assert res.exit_code == 0, res.output
+    params = json.loads((out / "report.json").read_text())["method"]["params"]
+    assert params["threshold_mode"] == "absolute" and params["kl_thresholds"] == [1.1, 1.1, 1.1]
+    assert params["num_anchors"] == 4

@@ -73,6 +73,10 @@ def evaluate_cmd(
     allow_unknown: bool = typer.Option(
         False, "--allow-unknown", help="Skip class names the model's vocabulary cannot represent (never predicted)."
     ),
+    paper_defaults: bool = typer.Option(
+        False, "--paper-defaults", help="The method's paper settings (e.g. DiffSeg's absolute KL threshold 1.1, the "
+        "hair paper's tau 0.9) under the -P values: with a paper's protocol, this reproduces the paper."
+    ),
 ) -> None:
     """Evaluate a method on a dataset; resumable (re-run the same command), shardable with `accelerate launch`.
 
@@ -110,8 +114,13 @@ def evaluate_cmd(
             check_out_dir(store_dir, "--store-dir")
         # every option, the dataset's layout, the model's configuration and the words: checked before anything is
         # written or loaded
+        params = parse_params(param)
+        if paper_defaults:
+            from attnseg.presets import resolve_settings
+
+            params = resolve_settings(method, None, preset="paper", params=params).params
         config = resolve_evaluation(
-            dataset=dataset, root=root, protocol=protocol, method=method, params=parse_params(param),
+            dataset=dataset, root=root, protocol=protocol, method=method, params=params,
             model=model, split=split, dataset_options=parse_params(dataset_option), limit=limit, seed=seed,
             class_source=class_source, captions=captions, matching=matching, background_offset=background_offset,
             size=size, crop=crop, score_at=score_at, dtype=dtype, device=device, cache_stores=cache_stores,
