@@ -152,13 +152,19 @@ def resolve_settings(
     """
     from attnseg.methods.base import METHODS, _import_builtin_methods
 
+    base: dict[str, Any]
     if preset not in PRESETS:
         raise ConfigError(f"preset must be one of {PRESETS}, got {preset!r}")
     _import_builtin_methods()
     cls = METHODS.get(method)
     user = dict(params or {})
     if preset == "paper":
-        base: dict[str, Any] = copy.deepcopy(dict(getattr(cls, "paper_preset", {})))
+        # A paper that defines its settings per model (GoCA's reference configs per family: layers, timestep) takes
+        # them from the family's table; then the method's own paper values.
+        base = {}
+        if getattr(cls, "paper_settings_per_family", False):
+            base = family_settings(method, family, variant=user.get("variant"))
+        base.update(copy.deepcopy(dict(getattr(cls, "paper_preset", {}))))
     else:
         base = family_settings(method, family, variant=user.get("variant"))
     base_run = dict(base.pop("run", {}) or {})

@@ -91,3 +91,14 @@ def test_an_adapter_gives_the_family_settings_of_its_model() -> None:
     s = resolve_settings("goca", Adapter(), params={"variant": "vanilla"})
     assert s.params == {"timestep": 11, "variant": "vanilla"} and s.run == {"size": (8, 8)}
     assert resolve_settings("goca", Adapter()).params == {"timestep": 22}
+
+
+def test_goca_paper_settings_are_the_familys_reference_configs() -> None:
+    table = {"goca": {"refine_order": 5, "reference_layer": "blocks.13.attn2.to_q", "run": {"timestep": 100}}}
+    s = resolve_settings("goca", table, preset="paper", params={"classes": "cat"})
+    assert s.params == {"refine_order": 5, "reference_layer": "blocks.13.attn2.to_q", "rescale_floor": 0.0,
+                        "layer_balance": False, "classes": "cat"}
+    assert s.run == {"timestep": 100}
+    # DiffSeg's paper settings are the same on every model: the family's table does not enter.
+    d = resolve_settings("diffseg", {"diffseg": {"num_anchors": 8}}, preset="paper")
+    assert "num_anchors" not in d.params

@@ -62,8 +62,9 @@ KL_EPS = 1e-10
 #: The reference's absolute merging threshold (COCO-Stuff-27 setting, ``google/diffseg:benchmarks.ipynb``).
 PAPER_THRESHOLD = 1.1
 #: Default merging threshold in units of :func:`anchor_divergence_unit` ([proposal]; chosen on the toy world's
-#: val split by ``benchmarks/toyworld.py``, checked for transfer across grids on synthetic attention).
-RELATIVE_THRESHOLD = 20.0
+#: val split for both toy models, checked for transfer across grids on synthetic attention,
+#: ``benchmarks/threshold_transfer.py``).
+RELATIVE_THRESHOLD = 0.3
 
 _LABEL_MODES = ("mean", "majority")
 
@@ -243,33 +244,33 @@ _THRESHOLD_MODES = ("relative", "absolute")
 
 
 def anchor_divergence_unit(attn: torch.Tensor, num_anchors: int) -> float:
-    """The image's own scale of divergence: the median symmetric KL between neighbouring anchors.
+    """The image's own scale of divergence: the median symmetric KL between the maps of two anchors.
 
-    Neighbouring anchors of the ``M x M`` :func:`anchor_grid` lie a fixed fraction of the image apart (``1 / M``
-    of its side) at every resolution, and in most images most of them lie inside the same region; so this
-    median measures how far apart two maps of one region are *for this model, resolution and timestep*.
-    Divergences between maps grow with the attention grid (more bins, and attention that is local in token
-    units spreads over a smaller part of the image), so thresholds in multiples of this unit keep their meaning
-    where absolute ones (tuned by DiffSeg for SD 1.4 at 64 x 64) merge everything or nothing.
+    The anchors of the ``M x M`` :func:`anchor_grid` cover the image evenly at every resolution, so the median over
+    all pairs of them is the typical divergence between two places of *this* image, for this model, resolution and
+    timestep. Divergences between maps grow with the attention grid (more bins, and attention that is local in token
+    units covers a smaller part of the image) and with the model's sharpness, so thresholds in multiples of this
+    unit keep their meaning where absolute ones (tuned by DiffSeg for SD 1.4 at 64 x 64) merge everything at small
+    grids and split regions at large ones. On the toy world's val scenes the best threshold per scene is 0.3-0.5
+    of this unit for both toy models (a UNet at a 32 x 32 grid and a transformer at 16 x 16); the neighbouring-anchor
+    median, the other candidate, varied ten times more across models.
 
     Args:
         attn: ``(R, R, R, R)`` aggregated self-attention (each ``[i, j]`` map sums to 1).
         num_anchors: ``M``, anchors per side (as for :func:`anchor_grid`).
 
     Returns:
-        The median over the ``2 M (M - 1)`` horizontally and vertically adjacent anchor pairs of
-        ``D(p, q) = 1/2 sum (p - q)(log p - log q)`` (probabilities floored at ``1e-10``), at least ``1e-6``.
+        The median over the ``M^2 (M^2 - 1) / 2`` anchor pairs of ``D(p, q) = 1/2 sum (p - q)(log p - log q)``
+        (probabilities floored at ``1e-10``), at least ``1e-6``.
     """
     if not isinstance(attn, torch.Tensor) or attn.ndim != 4:
         raise ConfigError("attn must be a (R, R, R, R) tensor")
     qh, qw, kh, kw = (int(s) for s in attn.shape)
     anchors = anchor_grid(num_anchors, min(qh, qw))
-    maps = attn.detach()[anchors[:, 0], anchors[:, 1]].reshape(num_anchors, num_anchors, kh * kw).to(torch.float32)
-    logs = maps.clamp_min(KL_EPS).log()
-    right = 0.5 * ((maps[:, 1:] - maps[:, :-1]) * (logs[:, 1:] - logs[:, :-1])).sum(-1)
-    down = 0.5 * ((maps[1:] - maps[:-1]) * (logs[1:] - logs[:-1])).sum(-1)
-    unit = torch.cat([right.reshape(-1), down.reshape(-1)]).median()
-    return max(float(unit), 1e-6)
+    maps = attn.detach()[anchors[:, 0], anchors[:, 1]].reshape(-1, kh * kw).to(torch.float32)
+    dist = symmetric_kl_matrix(maps, maps, eps=KL_EPS)
+    upper = torch.triu_indices(maps.shape[0], maps.shape[0], offset=1, device=dist.device)
+    return max(float(dist[upper[0], upper[1]].median()), 1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -680,8 +681,8 @@ class DiffSeg:
             on Cityscapes and in the demo: ``threshold_mode="absolute"`` with them reproduces the paper exactly
             (the ``paper`` preset, ``attnseg segment --paper-defaults``).
         threshold_mode: ``"relative"`` (default): a threshold ``tau`` merges maps with ``D < tau * u``, ``u`` the
-            image's median divergence between neighbouring anchors (:func:`anchor_divergence_unit`), so one
-            setting works at every resolution and on every model; ``"absolute"``: ``D < tau`` as in the reference.
+            image's median divergence between two anchors (:func:`anchor_divergence_unit`), so one setting works
+            at every resolution and on every model; ``"absolute"``: ``D < tau`` as in the reference.
         num_anchors: anchors per side of the anchor grid (reference ``NUM_POINTS = 16``: 256 anchors); a smaller
             attention grid uses every position as an anchor.
         resolution_weights: resolution -> weight; ``None`` for weights proportional to resolution (reference

@@ -684,6 +684,10 @@ class GoCA:
 
     name: ClassVar[str] = "goca"
     requires: ClassVar[frozenset[AttentionKind]] = frozenset({"self", "cross"})
+    #: The paper's settings are per model (its reference configs: layers, head method, timestep), kept in each
+    #: family's ``recommended`` table, so the paper preset starts from them; then ``paper_preset``.
+    paper_settings_per_family: ClassVar[bool] = True
+    paper_preset: ClassVar[dict[str, Any]] = {"rescale_floor": 0.0, "layer_balance": False}
 
     def __init__(
         self,
