@@ -99,3 +99,24 @@ def rgb_image(tmp_path) -> Path:
     path = tmp_path / "two-halves.png"
     Image.fromarray(arr).save(path)
     return path
+
+
+@pytest.fixture
+def float64_default():
+    """float64 as torch's default dtype for one test: code that promises float32 results must ask for float32
+    wherever it creates a tensor, instead of relying on the default."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield torch.float64
+    torch.set_default_dtype(old)
+
+
+@pytest.fixture
+def foreign_default_device():
+    """A default device other than the inputs' for one test (``with foreign_default_device: f(cpu_tensors)``).
+
+    On a GPU machine the data lives on ``cuda`` while tensors created without ``device=`` land on the CPU; here the
+    inputs stay on the CPU and the default becomes ``meta`` (no data), so a tensor created without following its
+    inputs' device makes the computation fail or return no values on any machine.
+    """
+    return torch.device("meta")

@@ -396,3 +396,37 @@ def test_relative_threshold_is_tau_times_the_median():
     assert TargetSegmenter(tau_mode="absolute").tau == 0.9
     with pytest.raises(ConfigError, match="tau_mode"):
         TargetSegmenter(tau_mode="quantile")
+
+
+def test_target_cross_map_skips_resolutions_without_a_weight_and_validates_shapes():
+    fine = torch.zeros(16, 3)
+    fine[:, 1] = torch.arange(16.0)
+    coarse = torch.zeros(4, 3)
+    coarse[:, 1] = torch.tensor([3.0, 2.0, 1.0, 0.0])
+    # resolution 2 has no weight at all (not even 0): skipped, so the result is the fine map alone, minmaxed
+    out = aggregate_target_cross({2: coarse, 4: fine}, [1], {4: 0.5}, (4, 4))
+    torch.testing.assert_close(out, 0.5 * torch.arange(16.0).reshape(4, 4) / 15)
+    with pytest.raises(ConfigError, match=r"\(N, T\) with T > 3"):
+        aggregate_target_cross({4: fine}, [3], {4: 1.0}, (4, 4))  # token 3 of 3 columns
+    with pytest.raises(ConfigError, match=r"\(N, T\)"):
+        aggregate_target_cross({4: fine[None]}, [1], {4: 1.0}, (4, 4))  # 3-D
+
+
+def test_target_cross_map_is_float32_with_a_float64_default(float64_default):
+    fine = torch.zeros(16, 3, dtype=torch.float32)
+    fine[:, 1] = torch.arange(16.0)
+    out = aggregate_target_cross({4: fine}, [1], {4: 1.0}, (4, 4))
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, (torch.arange(16.0) / 15).reshape(4, 4).float())
+
+
+def test_fallback_keeps_at_least_one_map():
+    """``round(fraction * R^2)`` of 0 still keeps the lowest-D map, and only it."""
+    attn = smooth_self_attention(4)
+    blob = torch.zeros(4, 4)
+    blob[1, 2] = 1.0
+    sel = guided_selection(blob, attn, tau=1e-9, fallback_fraction=0.02)  # round(0.32) = 0
+    assert sel.fallback and sel.num_selected == 1
+    best = int(sel.divergence.reshape(-1).argmin())
+    assert sel.selected.reshape(-1).nonzero().reshape(-1).tolist() == [best]
+    torch.testing.assert_close(sel.mean_map.reshape(-1), attn.reshape(16, 16)[best])
