@@ -256,3 +256,24 @@ def test_read_errors_name_what_is_stored_and_grid_finds_the_resolution():
     assert store.grid(3) == (2, 3) and store.grid(4) == (4, 1)
     with pytest.raises(AttnSegError, match="resolution 2"):
         store.grid(2)
+
+
+@pytest.mark.parametrize("heads", ["mean", "all"])
+def test_maps_from_an_accelerator_are_moved_to_the_store(heads):
+    """Maps computed on a GPU are moved to the store's device before they are added (every GPU run with a CPU store
+    takes this path). Checked with fake tensors (devices and shapes, no data), so it runs without a GPU: adding a
+    ``cuda`` tensor to a CPU accumulator fails there as it does on a GPU machine."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    info = layer()
+    with FakeTensorMode():
+        p = torch.empty(2, 4, 6, 5, device="cuda")
+        store = AttentionStore(heads=heads)  # on the CPU
+        # heads 0 and 1-3, query rows 0-1 and 2-5 (narrow: fake CUDA tensors cannot be sliced with [] here)
+        for h0, h in ((0, 1), (1, 3)):
+            for q0, q in ((0, 2), (2, 4)):
+                block = p.narrow(1, h0, h).narrow(2, q0, q)
+                store.add_chunk(info, block, slice(h0, h0 + h), queries=slice(q0, q0 + q))
+        store.end_call(info)
+        stored = store._entries["l.attn1"].sum
+        assert stored is not None and stored.device == torch.device("cpu")
