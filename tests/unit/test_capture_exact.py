@@ -313,3 +313,54 @@ def test_upcast_attention_computes_scores_in_float32():
     scores = q @ k.double().transpose(-1, -2)
     expected = torch.softmax(scores, -1)
     torch.testing.assert_close(sink.assembled(2, 30, 30).double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_mask_with_one_row_per_query_is_cut_with_the_query_blocks():
+    """A self-attention mask ``(B, Q, Q)`` (one bias row per query) goes with the rows of each block of 16."""
+    attn = module("self")
+    hidden, _ = inputs("self")
+    n = GRID[0] * GRID[1]
+    mask = -4.0 * torch.rand(2, n, n, generator=torch.Generator().manual_seed(3))
+    sink = Recorder()
+    plain = run(attn, AttnProcessor(), hidden, None, mask)
+    hooked = run(attn, CaptureProcessor(AttnProcessor(), info("self"), sink, chunk_bytes=1), hidden, None, mask)
+    expected = lit.attention_literal(hidden, hidden, attn.to_q.weight, attn.to_k.weight, HEADS, mask=mask)
+    torch.testing.assert_close(sink.assembled(2, n, n).double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hooked, plain, rtol=1e-5, atol=1e-6)
+    assert {q.stop - q.start for _, q, _, _ in sink.blocks} == {16, 14}  # the rows were cut
+
+
+def test_upcast_attention_scores_come_from_float32_copies_whatever_the_dtype():
+    """diffusers' ``upcast_attention`` computes scores from float32 copies of q and k, also for a float64 module;
+    so does the capture. Inputs where it shows: q = (A (1 + 2^-30), -A) loses its 2^-30 in float32, so its score
+    with the key (A, A) is 0 in float32 (probabilities 1/2, 1/2) but 2^10 / sqrt(2) in float64 (probabilities 1, 0)."""
+    attn = Attention(query_dim=2, cross_attention_dim=2, heads=1, dim_head=2, bias=False, upcast_attention=True)
+    attn = attn.eval().to(torch.float64)
+    with torch.no_grad():
+        attn.to_q.weight.copy_(torch.eye(2))
+        attn.to_k.weight.copy_(torch.eye(2))
+    a = 2.0**10
+    hidden = torch.tensor([[[a * (1 + 2.0**-30), -a], [a * (1 + 2.0**-30), -a]]], dtype=torch.float64)
+    context = torch.tensor([[[a, a], [0.0, 0.0]]], dtype=torch.float64)
+    layer = LayerInfo("m", "cross", (1, 2), heads=1, head_dim=2, position="up", index=0, block="b")  # type: ignore[arg-type]
+    sink = Recorder()
+    plain = run(attn, AttnProcessor(), hidden, context)
+    hooked = run(attn, CaptureProcessor(AttnProcessor(), layer, sink), hidden, context)
+    (_, _, probs, _), = sink.blocks
+    assert torch.equal(probs, torch.full((1, 1, 2, 2), 0.5))
+    torch.testing.assert_close(hooked, plain, rtol=1e-12, atol=0)
+
+
+def test_block_plan_by_hand_on_the_cpu_and_on_accelerators():
+    from attnseg.capture.processor import block_plan
+
+    # 2 items x 4096 keys x 4 bytes = 32 KiB per row of one head; at least 16 rows per block
+    # CPU, 4 MiB: 8 heads x 16 rows = 4 MiB, so 8 heads and 16 rows
+    assert block_plan(2, 8, 4096, 4096, device_type="cpu") == (8, 16)
+    # accelerator, 256 MiB: all 8 heads, 256 MiB / (32 KiB x 8) = 1024 rows
+    assert block_plan(2, 8, 4096, 4096, device_type="cuda") == (8, 1024)
+    assert block_plan(2, 8, 4096, 4096, device_type="mps") == (8, 1024)
+    # an explicit budget wins: 1 MiB holds 2 heads of 16 rows, then 1 MiB / 64 KiB = 16 rows
+    assert block_plan(2, 8, 4096, 4096, chunk_bytes=2**20, device_type="cuda") == (2, 16)
+    # whole heads when the sink takes no query blocks
+    assert block_plan(2, 8, 4096, 4096, device_type="cpu", split_queries=False) == (1, 4096)

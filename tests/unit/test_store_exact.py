@@ -277,3 +277,65 @@ def test_maps_from_an_accelerator_are_moved_to_the_store(heads):
         store.end_call(info)
         stored = store._entries["l.attn1"].sum
         assert stored is not None and stored.device == torch.device("cpu")
+
+
+def test_features_from_an_accelerator_are_moved_to_the_store():
+    """Module outputs computed on a GPU are kept on the store's device (fake CUDA tensors, as above)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        store = AttentionStore()  # on the CPU
+        for _ in range(2):  # the first value is kept as it is, the second goes into the running mean
+            store.add_feature("f", torch.empty(1, 6, 4, device="cuda", dtype=torch.float16))
+        assert store.features["f"].device == torch.device("cpu") and store.features["f"].dtype == torch.float32
+
+
+def test_per_head_maps_grouped_by_resolution_need_equal_head_counts():
+    from attnseg.errors import ConfigError
+
+    store = AttentionStore(heads="all", group="resolution")
+    feed(store, layer("a.attn1", heads=4), probs(1, 4, 6, 5, 0))
+    with pytest.raises(ConfigError, match="equal head counts"):
+        feed(store, layer("b.attn1", heads=2), probs(1, 2, 6, 5, 1))  # same grid, fewer heads
+
+
+class _Blocks(AttentionStore):
+    """Records the head slices handed to ``add_chunk`` (subclasses such as the head-weighted store read them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.slices: list[slice] = []
+
+    def add_chunk(self, layer, probs, heads, out=None, *, queries=slice(None)):
+        self.slices.append(heads)
+        super().add_chunk(layer, probs, heads, out, queries=queries)
+
+
+def test_add_hands_over_every_head_by_its_index_range():
+    store = _Blocks()
+    store.add(layer(heads=3), probs(1, 3, 6, 4, 0))
+    assert store.slices == [slice(0, 3)]
+
+
+def test_item_is_one_batch_item_with_the_layers_features_and_meta():
+    info = layer()
+    calls = [probs(3, 4, 6, 5, s) for s in (1, 2)]
+    store = AttentionStore(heads="all", batch=slice(0, 3), meta={"prompt": "a cat"})
+    for p in calls:
+        feed(store, info, p, (2,))
+    store.add_feature("f", torch.arange(3.0 * 2 * 2).reshape(3, 2, 2))
+    one = store.item(1)
+    expected = lit.store_mean_literal(calls, "all")
+    assert one.get("l.attn1", batch_index=None).shape == (1, 4, 6, 5)
+    check(one.get("l.attn1"), expected[1], torch.float32)
+    torch.testing.assert_close(one.features["f"], torch.arange(4.0, 8.0).reshape(1, 2, 2))
+    assert one.layers == {"l.attn1": info} and one.meta == {"prompt": "a cat"} and one.batch is None
+    one.meta["prompt"] = "a dog"  # the copy's dictionaries are its own
+    assert store.meta["prompt"] == "a cat"
+    check(store.get("l.attn1", batch_index=2), expected[2], torch.float32)  # the original is unchanged
+
+
+def test_kept_batch_applies_the_batch_slice():
+    assert AttentionStore().kept_batch(4) == 4
+    assert AttentionStore(batch=slice(1, 2)).kept_batch(2) == 1
+    assert AttentionStore(batch=slice(1, None)).kept_batch(4) == 3
