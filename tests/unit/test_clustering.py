@@ -556,3 +556,23 @@ def test_upsample_components_names_the_shape_it_refuses():
         upsample_components(torch.zeros(3, 4), 8)
     with pytest.raises(ConfigError, match="got list"):
         upsample_components([[0.0]], 8)  # type: ignore[arg-type]
+
+
+def test_option_errors_name_the_option():
+    x = torch.tensor([[0.0], [1.0], [5.0]])
+    with pytest.raises(ConfigError, match=r"^max_iter must be an int >= 1"):
+        kmeans_multi(x, [2], max_iter=0)
+    with pytest.raises(ConfigError, match=r"iou_threshold must be in \(0, 1\]"):
+        merge_masks({2: torch.zeros(2, 2, dtype=torch.int64)}, iou_threshold=1.5)
+    with pytest.raises(ConfigError, match=r"per_head\[1\] must be a \(k, h, w\) tensor, got \(2, 2\)"):
+        stack_features([torch.ones(1, 2, 2), torch.ones(2, 2)], 4)
+    with pytest.raises(ConfigError, match=r"per_head\[0\] must be a \(k, h, w\) tensor, got list"):
+        stack_features([[[[1.0]]]], 4)  # type: ignore[list-item]
+
+
+def test_bilinear_downsizing_has_no_antialiasing():
+    """Half-pixel bilinear without antialiasing (the paper's ``F.interpolate`` default): halving a 4x4 map samples
+    between the centre pixels of each 2x2 block, i.e. averages them."""
+    x = torch.tensor([[0.0, 4.0, 0.0, 4.0], [8.0, 0.0, 8.0, 0.0], [0.0, 0.0, 16.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    down = upsample_components(x[None, None], 2)[0, 0]
+    torch.testing.assert_close(down, torch.tensor([[3.0, 3.0], [0.0, 4.0]]))

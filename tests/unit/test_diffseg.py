@@ -871,3 +871,36 @@ def test_label_segments_with_a_float64_default_and_bad_labels(float64_default: t
         label_segments(labels.float(), maps)  # (H, W) but not integer
     with pytest.raises(ConfigError, match="integer"):
         label_segments(labels[None], {w: m[None] for w, m in maps.items()})  # integer but not (H, W)
+
+
+@pytest.mark.parametrize("prune", [False, True])
+def test_merge_with_a_float64_default_and_another_default_device(
+    prune: bool, float64_default: torch.dtype, foreign_default_device: torch.device
+) -> None:
+    """Iteration 0 (dense and pruned) creates its tensors in the maps' dtype and on their device."""
+    from attnseg.methods.diffseg import _merge
+
+    torch.set_default_dtype(torch.float32)
+    attn = aggregate_self_attention(structured_maps((32, 16), seed=9))
+    grid = anchor_grid(4, 32)
+    expected, counts_expected = _merge(attn, (0.5, 0.5), grid, prune=prune)
+    torch.set_default_dtype(float64_default)
+    with foreign_default_device:
+        got, counts = _merge(attn, (0.5, 0.5), grid, prune=prune)
+    assert counts == counts_expected
+    assert got.dtype == torch.float32 and got.device == attn.device
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-8)
+
+
+def test_refine_kmeans_with_a_single_iteration_is_one_lloyd_step() -> None:
+    attn = aggregate_self_attention(structured_maps((8, 4), seed=5, noise=1.5))
+    proposals = merge_proposals(attn, (0.3, 0.3), anchor_grid(3, 8))
+    data = attn.reshape(64, 64).double().numpy()
+    # one update of the centres, then the labels of the updated centres (scikit-learn's last assignment)
+    labels = lloyd_literal(data, proposals.reshape(proposals.shape[0], -1).double().numpy(), max_iter=2)
+    present = sorted(set(labels.tolist()))
+    expected = np.stack([data[labels == k].mean(axis=0) for k in present])
+    one = refine_kmeans(attn, proposals, max_iter=1, random_state=0)
+    np.testing.assert_allclose(one.reshape(len(present), -1).double().numpy(), expected, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ConfigError, match="max_iter"):
+        refine_kmeans(attn, proposals, max_iter=0)

@@ -520,3 +520,31 @@ def test_rescale_per_pixel_refuses_negative_and_out_of_range_tokens() -> None:
         rescale_per_pixel(scores, [-1, 2])  # a negative index would silently pick the last column
     with pytest.raises(ConfigError, match="T > 1"):
         rescale_per_pixel(scores[None], [1])  # 3-D
+
+
+def test_head_weights_are_uniform_unless_the_output_norm_exceeds_the_smallest_float32():
+    # head 0 outputs 2^-63, head 1 outputs 0, W = I: o = (2^-63, 0), |o|^2 = 2^-126, the smallest normal float32
+    outs = torch.tensor([[[2.0**-63]], [[0.0]]])
+    assert float(outs[0, 0, 0] ** 2) == torch.finfo(torch.float32).tiny
+    torch.testing.assert_close(head_weights(outs, torch.eye(2)), torch.tensor([[0.5], [0.5]]), rtol=0, atol=0)
+    # twice as large: |o|^2 = 2^-124 > tiny, so s / |o|^2 = (1, 0)
+    torch.testing.assert_close(head_weights(2 * outs, torch.eye(2)), torch.tensor([[1.0], [0.0]]), rtol=0, atol=0)
+
+
+def test_layer_scores_on_non_square_grids_and_named_maps():
+    """Reference feature on a 2x3 grid and self maps on the same grid (no resizing), given as a mapping: the scores
+    are ``sum(Pi * S_l)`` with ``Pi = softmax(F F^T / sqrt(C))`` in float64."""
+    g = torch.Generator().manual_seed(4)
+    feature = torch.randn(6, 5, generator=g)
+    maps = {k: torch.softmax(torch.randn(6, 6, generator=g), -1) for k in ("a", "b")}
+    f = feature.double()
+    pi = torch.softmax(f @ f.T / 5**0.5, -1)
+    expected = torch.stack([(pi * maps[k].double()).sum() for k in ("a", "b")])
+    grids = {"a": (2, 3), "b": (2, 3)}
+    scores = layer_scores(feature, maps, reference_grid=(2, 3), grids=grids)
+    torch.testing.assert_close(scores.double(), expected, rtol=1e-6, atol=1e-7)
+    weights = layer_weights(feature, maps, reference_grid=(2, 3), grids=grids)
+    torch.testing.assert_close(weights.double(), expected / expected.sum(), rtol=1e-6, atol=1e-7)
+    # the same as a sequence with a sequence of grids
+    torch.testing.assert_close(layer_scores(feature, [maps["a"], maps["b"]], reference_grid=(2, 3),
+                                            grids=[(2, 3), (2, 3)]), scores)

@@ -476,3 +476,42 @@ def test_mask_set_errors_name_the_argument() -> None:
         best_match_iou(masks, np.zeros(4, bool))
     with pytest.raises(ConfigError, match=r"^pred_masks must be"):
         best_match_iou(np.zeros(4, bool), masks)
+
+
+def test_plain_python_lists_are_accepted() -> None:
+    s = binary_scores([[1, 1, 0, 0], [1, 0, 0, 0]], [[1, 0, 0, 0], [1, 1, 0, 0]])
+    assert s.iou == pytest.approx(2 / 4)  # as test_binary_scores_by_hand
+    cm = ConfusionMatrix(3)
+    cm.update(PRED.tolist(), TARGET.tolist())
+    assert cm.matrix.tolist() == [[1, 0, 0], [1, 2, 0], [0, 0, 1]]
+
+
+def test_label_errors_name_the_argument() -> None:
+    with pytest.raises(ConfigError, match=r"^pred must be an integer label map"):
+        ConfusionMatrix(2).update(np.zeros((1, 2)), np.zeros((1, 2), int))
+    with pytest.raises(ConfigError, match=r"^target must be an integer label map"):
+        ConfusionMatrix(2).update(np.zeros((1, 2), int), np.zeros((1, 2)))
+
+
+def test_hungarian_counts_ignore_255_by_default() -> None:
+    # the 255 pixel would be a third class-0 pixel... it is ignored: TP 1 + 1, nothing else
+    tp, fp, fn = hungarian_counts(np.array([[0, 1, 1]]), np.array([[0, 1, 255]]), 2)
+    assert (tp.tolist(), fp.tolist(), fn.tolist()) == ([1, 1], [0, 0], [0, 0])
+
+
+def test_pairwise_iou_with_no_masks_on_one_side() -> None:
+    masks = np.zeros((2, 3, 4), bool)
+    assert pairwise_iou(np.zeros((0, 3, 4), bool), masks).shape == (0, 2)
+    assert pairwise_iou(masks, np.zeros((0, 3, 4), bool)).shape == (2, 0)
+
+
+def test_per_image_hungarian_with_present_classes_only() -> None:
+    # class 2 is absent; with all classes it is matched to segment 2 and charged its pixel as a false positive
+    pred, target = np.array([[0, 0, 1, 2]]), np.array([[0, 0, 1, 1]])
+    strict = hungarian_counts(pred, target, 3)
+    lenient = hungarian_counts(pred, target, 3, present_only=True)
+    assert strict[1].tolist() == [0, 0, 1] and lenient[1].tolist() == [0, 0, 0]
+    acc = PerImageHungarian(3, present_only=True)
+    acc.update(pred, target)
+    r = acc.result()
+    assert [r.tp.tolist(), r.fp.tolist(), r.fn.tolist()] == [x.tolist() for x in lenient]

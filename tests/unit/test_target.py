@@ -430,3 +430,27 @@ def test_fallback_keeps_at_least_one_map():
     best = int(sel.divergence.reshape(-1).argmin())
     assert sel.selected.reshape(-1).nonzero().reshape(-1).tolist() == [best]
     torch.testing.assert_close(sel.mean_map.reshape(-1), attn.reshape(16, 16)[best])
+
+
+def test_selection_normalises_maps_that_do_not_sum_to_one():
+    """Both inputs are L1-normalised (each self map by its own sum), so scaling maps changes nothing."""
+    from attnseg.methods.target import _l1_normalise
+
+    rows = torch.tensor([[1.0, 3.0], [2.0, 2.0], [0.0, 5.0]])
+    expected = torch.tensor([[1.5 / 5, 3.5 / 5], [0.5, 0.5], [0.5 / 6, 5.5 / 6]])  # (x + 0.5) / its row's sum
+    torch.testing.assert_close(_l1_normalise(rows, 0.5), expected)
+    attn = smooth_self_attention(8)
+    blob = torch.zeros(8, 8)
+    blob[2:5, 3:6] = 1.0
+    scale = torch.linspace(0.5, 4.0, 64).reshape(8, 8, 1, 1)  # a different sum for every map
+    plain = guided_selection(blob, attn, tau=1.0, eps=1e-12)
+    scaled = guided_selection(3.0 * blob, attn * scale, tau=1.0, eps=1e-12)
+    torch.testing.assert_close(scaled.divergence, plain.divergence, rtol=1e-5, atol=1e-6)
+    assert torch.equal(scaled.selected, plain.selected)
+
+
+def test_fallback_fraction_above_one_is_refused():
+    attn = smooth_self_attention(4)
+    with pytest.raises(ConfigError, match="fallback_fraction"):
+        guided_selection(torch.ones(4, 4), attn, fallback_fraction=1.5)
+    assert guided_selection(torch.ones(4, 4), attn, tau=1e-9, fallback_fraction=1.0).num_selected == 16
