@@ -364,3 +364,26 @@ def test_block_plan_by_hand_on_the_cpu_and_on_accelerators():
     assert block_plan(2, 8, 4096, 4096, chunk_bytes=2**20, device_type="cuda") == (2, 16)
     # whole heads when the sink takes no query blocks
     assert block_plan(2, 8, 4096, 4096, device_type="cpu", split_queries=False) == (1, 4096)
+
+
+def test_reuse_mode_casts_the_attention_output_to_the_query_dtype():
+    """As diffusers' processors do (``hidden_states.to(query.dtype)``), the heads' output goes to ``to_out`` in the
+    query's dtype: a module whose value projection runs in float64 still feeds its float32 ``to_out``."""
+    attn = module("cross")
+    w_v = attn.to_v.weight.detach().double()
+
+    class Float64Values(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.double() @ w_v.T
+
+    attn.to_v = Float64Values()
+    hidden, context = inputs("cross")
+    store = AttentionStore()
+    with torch.no_grad():
+        out = run(attn, CaptureProcessor(AttnProcessor(), info("cross"), store), hidden, context)
+        probs = lit.attention_literal(hidden, context, attn.to_q.weight, attn.to_k.weight, HEADS)
+        v = (context.double() @ w_v.T).view(2, CONTEXT, HEADS, DIM).transpose(1, 2)
+        heads = (probs @ v).transpose(1, 2).reshape(2, GRID[0] * GRID[1], HEADS * DIM)
+        expected = attn.to_out[0](heads.float())
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)

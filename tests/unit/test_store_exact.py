@@ -339,3 +339,19 @@ def test_kept_batch_applies_the_batch_slice():
     assert AttentionStore().kept_batch(4) == 4
     assert AttentionStore(batch=slice(1, 2)).kept_batch(2) == 1
     assert AttentionStore(batch=slice(1, None)).kept_batch(4) == 3
+
+
+def test_maps_in_another_dtype_are_averaged_in_float32_and_rounded_once():
+    """Into a float16 store, a call's head mean is computed in float32 and rounded to float16 once (adding the heads
+    one by one in float16 would round after every head)."""
+    info = layer()
+    p = probs(2, 4, 6, 5, 21)
+    store = AttentionStore(dtype=torch.float16)
+    feed(store, info, p)
+    stored = store._entries["l.attn1"].sum
+    assert stored is not None
+    assert torch.equal(stored, (p.sum(1) / 4).to(torch.float16))
+    sequential = torch.zeros(2, 6, 5, dtype=torch.float16)
+    for i in range(4):
+        sequential.add_(p[:, i], alpha=0.25)
+    assert not torch.equal(sequential, stored)  # so the two ways can be told apart here
