@@ -142,3 +142,14 @@ def test_query_tile_indices_are_made_on_the_maps_device(foreign_default_device):
         add_query_tiled(out, maps)
     np.testing.assert_array_equal(got.numpy(), expected)
     np.testing.assert_array_equal(out.numpy(), expected)
+
+
+def test_symmetric_kl_matrix_on_the_inputs_device(foreign_default_device):
+    g = torch.Generator().manual_seed(3)
+    p = torch.softmax(torch.randn(3, 5, generator=g), -1)
+    q = torch.softmax(torch.randn(4, 5, generator=g), -1)
+    expected = symmetric_kl_matrix(p, q)
+    with foreign_default_device:
+        got = symmetric_kl_matrix(p, q, chunk_size=3)
+    assert got.device == p.device
+    torch.testing.assert_close(got, expected)

@@ -368,3 +368,55 @@ def test_nothing_to_segment_is_an_int64_background_map(data_root, tmp_path, tiny
     nothing = run._prediction(None, (3, 4))["none"]
     assert nothing.dtype == np.int64
     np.testing.assert_array_equal(nothing, np.zeros((3, 4), np.int64))
+
+
+def test_semantic_scorer_without_offsets_and_with_an_unknown_primary_metric():
+    t = np.array([[0, 1, 1], [2, 255, 3]])
+    pred = np.array([[0, 1, 0], [2, 3, 3]])
+    metrics, _ = make_scorer({**SCORING, "matching": "semantic"}).score({"none": pred}, t)
+    ref = ml.confusion_literal(pred, t, C, 255)
+    assert set(metrics) == {"miou", "pixel_accuracy"}  # one prediction: flat metrics, no "by_offset"
+    assert close(metrics["miou"], ref["miou"]) and close(metrics["pixel_accuracy"], ref["pixel_accuracy"])
+    # a primary metric the semantic scorer does not know ranks the offsets by mIoU
+    preds = {offset_key(0.0): pred, offset_key(0.1): np.zeros_like(pred)}
+    scorer = make_scorer({**SCORING, "matching": "semantic", "offsets": [0.0, 0.1], "select": "best",
+                          "primary": "best_match_iou"})
+    record = {"counts": scorer.score(preds, t)[1]}
+    combined, _ = scorer.combine([record])
+    sweep = {k: ml.confusion_literal(p, t, C, 255)["miou"] for k, p in preds.items()}
+    assert combined["offset_sweep"] == pytest.approx(sweep, abs=1e-12)
+    assert combined["background_offset"] == 0.0 and sweep["0.0"] > sweep["0.1"]
+
+
+def test_float_scores_flagged_as_masks_are_thresholded_at_one_half(data_root, tmp_path, tiny_sd_dir):
+    from attnseg.eval.runner import EvaluationRun
+
+    run = EvaluationRun(tmp_path / "r", dataset="generic", root=data_root, method="diffseg", model=str(tiny_sd_dir),
+                        matching="best-match")
+    scores = torch.tensor([[[0.2, 0.6], [0.5, 0.9]], [[0.51, 0.0], [1.0, 0.49]]])
+    flagged = SegmentationResult(labels=torch.zeros(2, 2, dtype=torch.int64), scores=scores,
+                                 meta={"scores_are_masks": True})
+    np.testing.assert_array_equal(run._prediction(flagged, (2, 2)), scores.numpy() > 0.5)
+    plain = SegmentationResult(labels=torch.tensor([[0, 1], [1, 1]]), scores=scores)  # scores, not masks: the labels
+    np.testing.assert_array_equal(run._prediction(plain, (2, 2)), np.array([[0, 1], [1, 1]]))
+
+
+def test_class_lookup_is_int64_whatever_the_ids_are(data_root, tmp_path, tiny_sd_dir):
+    from attnseg.eval.runner import EvaluationRun
+
+    run = EvaluationRun(tmp_path / "a", dataset="generic", root=data_root, method="fixed-semantic",
+                        model=str(tiny_sd_dir), class_source="vocabulary")
+    run.background_id = np.int32(0)  # a numpy integer, as an id read from an array would be
+    lut = run._class_lut(SegmentationResult(labels=torch.tensor([[0, 1]]), label_names=("zebra", "sky")))
+    assert lut.dtype == np.int64 and lut.tolist() == [0, 0]  # unknown names count as background
+
+
+def test_nothing_to_segment_without_a_background_class_is_all_wrong(data_root, tmp_path, tiny_sd_dir):
+    from attnseg.eval.runner import EvaluationRun
+
+    (data_root / "classes.txt").write_text("a\nb\nc\nd\n")  # no background class
+    run = EvaluationRun(tmp_path / "a", dataset="generic", root=data_root, method="fixed-semantic",
+                        model=str(tiny_sd_dir), class_source="vocabulary")
+    assert run.background_id is None
+    nothing = run._prediction(None, (2, 3))["none"]
+    np.testing.assert_array_equal(nothing, np.full((2, 3), C))  # id C: scored as wrong
