@@ -387,3 +387,25 @@ def test_reuse_mode_casts_the_attention_output_to_the_query_dtype():
         expected = attn.to_out[0](heads.float())
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_query_and_key_norms_are_applied():
+    """A module with ``qk_norm`` (as SD3 and Flux have): q and k are layer-normalised per head before the scores."""
+    torch.manual_seed(6)
+    attn = Attention(query_dim=HEADS * DIM, heads=HEADS, dim_head=DIM, bias=False, qk_norm="layer_norm").eval()
+    hidden, _ = inputs("self")
+    sink = Recorder()
+    plain = run(attn, AttnProcessor2_0(), hidden, None)
+    hooked = run(attn, CaptureProcessor(AttnProcessor2_0(), info("self"), sink, chunk_bytes=1), hidden, None)
+    n = GRID[0] * GRID[1]
+
+    def per_head_normed(w: torch.Tensor) -> torch.Tensor:  # float64, by hand: (x - mean) / sqrt(var + 1e-5)
+        x = (hidden.double() @ w.detach().double().T).view(2, n, HEADS, DIM).transpose(1, 2)
+        mean = x.mean(-1, keepdim=True)
+        var = ((x - mean) ** 2).mean(-1, keepdim=True)
+        return (x - mean) / torch.sqrt(var + 1e-5)
+
+    q, k = per_head_normed(attn.to_q.weight), per_head_normed(attn.to_k.weight)
+    expected = torch.softmax(q @ k.transpose(-1, -2) / DIM**0.5, -1)
+    torch.testing.assert_close(sink.assembled(2, n, n).double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hooked, plain, rtol=1e-5, atol=1e-6)

@@ -355,3 +355,21 @@ def test_maps_in_another_dtype_are_averaged_in_float32_and_rounded_once():
     for i in range(4):
         sequential.add_(p[:, i], alpha=0.25)
     assert not torch.equal(sequential, stored)  # so the two ways can be told apart here
+
+
+def test_by_resolution_reads_the_batch_item_asked_for():
+    a, b = layer("a.attn1"), layer("b.attn1")
+    pa, pb = probs(2, 4, 6, 6, 30), probs(2, 4, 6, 6, 31)
+    store = AttentionStore()
+    feed(store, a, pa)
+    feed(store, b, pb)
+    expected = (lit.head_mean_literal(pa) + lit.head_mean_literal(pb)) / 2  # (B, Q, K): layers weigh alike
+    check(store.self_attention(batch_index=1)[3], expected[1], torch.float32)
+    check(store.self_attention(batch_index=None)[3], expected, torch.float32)
+
+
+def test_add_names_the_shape_it_expects():
+    from attnseg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"probs must be \(B, 3, Q = 6, K\) for l.attn1, got \(1, 2, 6, 4\)"):
+        AttentionStore().add(layer(heads=3), probs(1, 2, 6, 4, 0))
