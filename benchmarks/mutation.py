@@ -297,7 +297,13 @@ def render(report: dict[str, Any]) -> str:
         "",
         f"mutmut {report['mutmut']}, {report['jobs']} workers, seed {report['seed']}, at most {report['sample']} "
         f"mutants per group (drawn at random when a group has more). Raise statements are not mutated. Survival "
-        f"rate = surviving mutants not recorded as equivalent / mutants run. Wall time {report['wall_seconds']} s.",
+        f"rate = surviving mutants not recorded as equivalent / mutants run. Wall time {report['wall_seconds']} s "
+        f"(sum over groups, reruns included). Written {report['date']}.",
+        "",
+        "A group's mutants that survived were run again after tests were added for them (`--rerun`: the group's "
+        "survivors only, with the current tests; tests are only ever added, so a killed mutant stays killed): "
+        + (", ".join(f"{g['group']} {' + '.join(str(r['mutants']) for r in g['reruns'])}" for g in report["groups"]
+                     if g.get("reruns")) or "none") + ".",
         "",
         "| group | in scope | run | killed | survived | equivalent | survival rate | wall s | tests |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -325,15 +331,16 @@ def _summary(groups: list[dict[str, Any]], version: str, args: argparse.Namespac
     total["run"] = sum(g["sampled"] - g["not run"] for g in groups)
     total["survival_rate"] = total["survived"] / total["run"] if total["run"] else 0.0
     wall_total = sum(g["wall_seconds"] for g in groups) if args.collect or args.rerun else wall
-    return {"mutmut": version, "seed": args.seed, "sample": args.sample, "jobs": args.jobs,
+    return {"mutmut": version, "date": time.strftime("%Y-%m-%d", time.gmtime()), "seed": args.seed,
+            "sample": args.sample, "jobs": args.jobs,
             "wall_seconds": round(wall_total, 1), "total": total, "groups": groups}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--groups", default=",".join(g.name for g in GROUPS), help="comma-separated group names")
-    parser.add_argument("--sample", type=int, default=120, help="mutants per group at most (0: all)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sample", type=int, default=80, help="mutants per group at most (0: all)")
+    parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=ROOT / "out" / "mutation")
     parser.add_argument("--out", type=Path, default=RESULTS / "mutation.json")

@@ -373,3 +373,56 @@ def test_add_names_the_shape_it_expects():
 
     with pytest.raises(ConfigError, match=r"probs must be \(B, 3, Q = 6, K\) for l.attn1, got \(1, 2, 6, 4\)"):
         AttentionStore().add(layer(heads=3), probs(1, 2, 6, 4, 0))
+
+
+def test_a_half_precision_store_adds_each_call_in_its_own_dtype():
+    """Each call's head mean is converted to the store's dtype, then added there (float16 + float16); adding the
+    float32 mean to the float16 sum would round once instead of twice, and differ."""
+    info = layer()
+    calls = [probs(2, 4, 6, 5, s) for s in (40, 41, 42)]
+    store = AttentionStore(dtype=torch.float16)
+    for p in calls:
+        feed(store, info, p)
+    stored = store._entries["l.attn1"].sum
+    assert stored is not None
+    in_dtype = torch.zeros(2, 6, 5, dtype=torch.float16)
+    mixed = torch.zeros(2, 6, 5, dtype=torch.float16)
+    for p in calls:
+        in_dtype += (p.sum(1) / 4).to(torch.float16)
+        mixed += p.sum(1) / 4
+    assert torch.equal(stored, in_dtype)
+    assert not torch.equal(in_dtype, mixed)  # so the two can be told apart here
+
+
+def test_a_call_with_another_batch_size_or_map_size_is_refused():
+    from attnseg.errors import AttnSegError
+
+    store = AttentionStore()
+    feed(store, layer(), probs(2, 4, 6, 5, 0))
+    with pytest.raises(AttnSegError, match="do not match the maps already stored"):
+        feed(store, layer(), probs(1, 4, 6, 5, 1))  # same maps, one batch item
+    with pytest.raises(AttnSegError, match="do not match the maps already stored"):
+        store.add_chunk(layer(grid=(2, 3)), probs(2, 4, 6, 7, 2), slice(0, 4))  # same batch, 7 keys
+
+
+def test_iterating_a_store_gives_its_keys_and_keys_are_described_in_words():
+    from attnseg.capture.store import _describe_key
+
+    store = AttentionStore(group="resolution")
+    feed(store, layer("a.attn1"), probs(1, 4, 6, 5, 0))
+    feed(store, layer("c.attn2", kind="cross", grid=(1, 2)), probs(1, 4, 2, 7, 1))
+    assert list(store) == store.keys() == ["self/2x3", "cross/1x2"]
+    assert _describe_key("self/2x3") == "self-attention at 2x3"
+    assert _describe_key("down.0.attn1") == "down.0.attn1"
+
+
+def test_a_batch_item_can_be_saved_with_its_features(tmp_path):
+    store = AttentionStore(batch=slice(0, 2))
+    info = layer()
+    feed(store, info, probs(2, 4, 6, 5, 3))
+    for v in (torch.zeros(2, 3, 4), torch.ones(2, 3, 4)):
+        store.add_feature("f", v)
+    back = AttentionStore.load(store.item(1).save(tmp_path / "item1"))
+    check(back.get("l.attn1"), store.get("l.attn1", batch_index=1).double(), torch.float32)
+    torch.testing.assert_close(back.features["f"], torch.full((1, 3, 4), 0.5))
+    assert back._feature_counts == {"f": 2}
