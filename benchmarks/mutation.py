@@ -10,11 +10,17 @@
    is not what the numeric core promises; the conditions that lead to them are mutated);
 3. ``mutmut run`` on the drawn mutants with ``--jobs`` workers.
 
-Survivors are looked up in ``benchmarks/mutation_equivalents.json``: a mutant judged equivalent (the mutated code
-computes the same thing, or differs only where no caller can observe it) is listed there with a one-line reason,
-keyed by ``<function>:<hash of the changed lines>`` so the key survives renumbering. Results go to
+Survivors are looked up in ``benchmarks/mutation_equivalents.json``: a mutant is recorded there as equivalent, with
+a one-line reason, only when no test could tell it from the original (it computes the same values, or the same
+values by another path); a difference that only shows on a GPU, in another dtype or in a message is not equivalent
+(the tests emulate devices with fake CUDA tensors or another default device, see ``tests/conftest.py``). Keys are
+``<function>:<hash of the changed lines>``, so they survive renumbering. Results go to
 ``benchmarks/results/mutation.json`` and ``benchmarks/results/mutation.md``: per group, killed / survived /
 equivalent counts, the non-equivalent survival rate, the wall time, and every survivor's diff.
+
+After adding tests for survivors, ``--rerun`` runs a group's mutants that were not killed again with the current
+tests (the whole sample when the group's source or test selection changed), and ``--collect`` rewrites the results
+from the runs in ``out/mutation/`` (e.g. after recording equivalents).
 
 Example:
     python benchmarks/mutation.py --groups metrics,store --sample 60
@@ -291,6 +297,16 @@ def run_group(group: Group, *, sample: int, seed: int, jobs: int, workdir: Path,
     }
 
 
+def _reruns(report: dict[str, Any]) -> str:
+    done = [f"{g['group']} {' + '.join(str(r['mutants']) for r in g['reruns'])}" for g in report["groups"]
+            if g.get("reruns")]
+    if not done:
+        return "One run of every group with the current tests (no reruns)."
+    return ("A group's mutants that survived were run again after tests were added for them (`--rerun`: the "
+            "group's survivors only, with the current tests; tests are only ever added, so a killed mutant stays "
+            "killed): " + ", ".join(done) + ".")
+
+
 def render(report: dict[str, Any]) -> str:
     lines = [
         "# Mutation testing of the core",
@@ -298,12 +314,9 @@ def render(report: dict[str, Any]) -> str:
         f"mutmut {report['mutmut']}, {report['jobs']} workers, seed {report['seed']}, at most {report['sample']} "
         f"mutants per group (drawn at random when a group has more). Raise statements are not mutated. Survival "
         f"rate = surviving mutants not recorded as equivalent / mutants run. Wall time {report['wall_seconds']} s "
-        f"(sum over groups, reruns included). Written {report['date']}.",
+        f"(all groups, reruns included). Written {report['date']}.",
         "",
-        "A group's mutants that survived were run again after tests were added for them (`--rerun`: the group's "
-        "survivors only, with the current tests; tests are only ever added, so a killed mutant stays killed): "
-        + (", ".join(f"{g['group']} {' + '.join(str(r['mutants']) for r in g['reruns'])}" for g in report["groups"]
-                     if g.get("reruns")) or "none") + ".",
+        _reruns(report),
         "",
         "| group | in scope | run | killed | survived | equivalent | survival rate | wall s | tests |",
         "|---|---|---|---|---|---|---|---|---|",
