@@ -116,3 +116,24 @@ def tiny_dit_dirs(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("dit-models")
     return {family: save_tiny_transformer(root / family, family) for family in ("pixart", "sd3", "flux")}
+
+
+@pytest.fixture
+def float64_default():
+    """float64 as torch's default dtype for one test: code that promises float32 results must ask for float32
+    wherever it creates a tensor, instead of relying on the default."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield torch.float64
+    torch.set_default_dtype(old)
+
+
+@pytest.fixture
+def foreign_default_device():
+    """A default device other than the inputs' for one test (``with foreign_default_device: f(cpu_tensors)``).
+
+    On a GPU machine the data lives on ``cuda`` while tensors created without ``device=`` land on the CPU; here the
+    inputs stay on the CPU and the default becomes ``meta`` (no data), so a tensor created without following its
+    inputs' device makes the computation fail or return no values on any machine.
+    """
+    return torch.device("meta")

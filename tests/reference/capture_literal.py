@@ -53,7 +53,7 @@ def attention_literal(
 
     ``q = hidden w_q^T``, ``k = context w_k^T`` (no bias), split into ``heads`` heads of ``d`` channels; each row is
     ``softmax(q_i . k_j * scale + mask_j)`` with ``scale = 1 / sqrt(d)`` unless given, computed one row at a time.
-    ``mask`` is an additive ``(B, M)`` bias.
+    ``mask`` is an additive ``(B, M)`` bias, or ``(B, N, M)`` with one row per query.
     """
     x = hidden.detach().to(torch.float64)
     c = context.detach().to(torch.float64)
@@ -71,7 +71,8 @@ def attention_literal(
             for i in range(n):
                 logits = [float((q[i] * k[j]).sum()) * s for j in range(m)]
                 if mask is not None:
-                    logits = [v + float(mask[bi, j]) for j, v in enumerate(logits)]
+                    row = mask[bi] if mask.ndim == 2 else mask[bi, i]
+                    logits = [v + float(row[j]) for j, v in enumerate(logits)]
                 top = max(logits)
                 exps = [math.exp(v - top) for v in logits]
                 total = math.fsum(exps)

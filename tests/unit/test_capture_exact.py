@@ -313,3 +313,99 @@ def test_upcast_attention_computes_scores_in_float32():
     scores = q @ k.double().transpose(-1, -2)
     expected = torch.softmax(scores, -1)
     torch.testing.assert_close(sink.assembled(2, 30, 30).double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_mask_with_one_row_per_query_is_cut_with_the_query_blocks():
+    """A self-attention mask ``(B, Q, Q)`` (one bias row per query) goes with the rows of each block of 16."""
+    attn = module("self")
+    hidden, _ = inputs("self")
+    n = GRID[0] * GRID[1]
+    mask = -4.0 * torch.rand(2, n, n, generator=torch.Generator().manual_seed(3))
+    sink = Recorder()
+    plain = run(attn, AttnProcessor(), hidden, None, mask)
+    hooked = run(attn, CaptureProcessor(AttnProcessor(), info("self"), sink, chunk_bytes=1), hidden, None, mask)
+    expected = lit.attention_literal(hidden, hidden, attn.to_q.weight, attn.to_k.weight, HEADS, mask=mask)
+    torch.testing.assert_close(sink.assembled(2, n, n).double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hooked, plain, rtol=1e-5, atol=1e-6)
+    assert {q.stop - q.start for _, q, _, _ in sink.blocks} == {16, 14}  # the rows were cut
+
+
+def test_upcast_attention_scores_come_from_float32_copies_whatever_the_dtype():
+    """diffusers' ``upcast_attention`` computes scores from float32 copies of q and k, also for a float64 module;
+    so does the capture. Inputs where it shows: q = (A (1 + 2^-30), -A) loses its 2^-30 in float32, so its score
+    with the key (A, A) is 0 in float32 (probabilities 1/2, 1/2) but 2^10 / sqrt(2) in float64 (probabilities 1, 0)."""
+    attn = Attention(query_dim=2, cross_attention_dim=2, heads=1, dim_head=2, bias=False, upcast_attention=True)
+    attn = attn.eval().to(torch.float64)
+    with torch.no_grad():
+        attn.to_q.weight.copy_(torch.eye(2))
+        attn.to_k.weight.copy_(torch.eye(2))
+    a = 2.0**10
+    hidden = torch.tensor([[[a * (1 + 2.0**-30), -a], [a * (1 + 2.0**-30), -a]]], dtype=torch.float64)
+    context = torch.tensor([[[a, a], [0.0, 0.0]]], dtype=torch.float64)
+    layer = LayerInfo("m", "cross", (1, 2), heads=1, head_dim=2, position="up", index=0, block="b")  # type: ignore[arg-type]
+    sink = Recorder()
+    plain = run(attn, AttnProcessor(), hidden, context)
+    hooked = run(attn, CaptureProcessor(AttnProcessor(), layer, sink), hidden, context)
+    (_, _, probs, _), = sink.blocks
+    assert torch.equal(probs, torch.full((1, 1, 2, 2), 0.5))
+    torch.testing.assert_close(hooked, plain, rtol=1e-12, atol=0)
+
+
+def test_block_plan_by_hand_on_the_cpu_and_on_accelerators():
+    from attnseg.capture.processor import block_plan
+
+    # 2 items x 4096 keys x 4 bytes = 32 KiB per row of one head; at least 16 rows per block
+    # CPU, 4 MiB: 8 heads x 16 rows = 4 MiB, so 8 heads and 16 rows
+    assert block_plan(2, 8, 4096, 4096, device_type="cpu") == (8, 16)
+    # accelerator, 256 MiB: all 8 heads, 256 MiB / (32 KiB x 8) = 1024 rows
+    assert block_plan(2, 8, 4096, 4096, device_type="cuda") == (8, 1024)
+    assert block_plan(2, 8, 4096, 4096, device_type="mps") == (8, 1024)
+    # an explicit budget wins: 1 MiB holds 2 heads of 16 rows, then 1 MiB / 64 KiB = 16 rows
+    assert block_plan(2, 8, 4096, 4096, chunk_bytes=2**20, device_type="cuda") == (2, 16)
+    # whole heads when the sink takes no query blocks
+    assert block_plan(2, 8, 4096, 4096, device_type="cpu", split_queries=False) == (1, 4096)
+
+
+def test_reuse_mode_casts_the_attention_output_to_the_query_dtype():
+    """As diffusers' processors do (``hidden_states.to(query.dtype)``), the heads' output goes to ``to_out`` in the
+    query's dtype: a module whose value projection runs in float64 still feeds its float32 ``to_out``."""
+    attn = module("cross")
+    w_v = attn.to_v.weight.detach().double()
+
+    class Float64Values(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.double() @ w_v.T
+
+    attn.to_v = Float64Values()
+    hidden, context = inputs("cross")
+    store = AttentionStore()
+    with torch.no_grad():
+        out = run(attn, CaptureProcessor(AttnProcessor(), info("cross"), store), hidden, context)
+        probs = lit.attention_literal(hidden, context, attn.to_q.weight, attn.to_k.weight, HEADS)
+        v = (context.double() @ w_v.T).view(2, CONTEXT, HEADS, DIM).transpose(1, 2)
+        heads = (probs @ v).transpose(1, 2).reshape(2, GRID[0] * GRID[1], HEADS * DIM)
+        expected = attn.to_out[0](heads.float())
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_query_and_key_norms_are_applied():
+    """A module with ``qk_norm`` (as SD3 and Flux have): q and k are layer-normalised per head before the scores."""
+    torch.manual_seed(6)
+    attn = Attention(query_dim=HEADS * DIM, heads=HEADS, dim_head=DIM, bias=False, qk_norm="layer_norm").eval()
+    hidden, _ = inputs("self")
+    sink = Recorder()
+    plain = run(attn, AttnProcessor2_0(), hidden, None)
+    hooked = run(attn, CaptureProcessor(AttnProcessor2_0(), info("self"), sink, chunk_bytes=1), hidden, None)
+    n = GRID[0] * GRID[1]
+
+    def per_head_normed(w: torch.Tensor) -> torch.Tensor:  # float64, by hand: (x - mean) / sqrt(var + 1e-5)
+        x = (hidden.double() @ w.detach().double().T).view(2, n, HEADS, DIM).transpose(1, 2)
+        mean = x.mean(-1, keepdim=True)
+        var = ((x - mean) ** 2).mean(-1, keepdim=True)
+        return (x - mean) / torch.sqrt(var + 1e-5)
+
+    q, k = per_head_normed(attn.to_q.weight), per_head_normed(attn.to_k.weight)
+    expected = torch.softmax(q @ k.transpose(-1, -2) / DIM**0.5, -1)
+    torch.testing.assert_close(sink.assembled(2, n, n).double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hooked, plain, rtol=1e-5, atol=1e-6)

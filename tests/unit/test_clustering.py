@@ -488,3 +488,91 @@ def test_cluster_cfg_halves():
     assert cond.heads == ((layer.name, 0, "cond"),)
     both = PCAClustering(ks=(2,), n_components=2, cfg_half="both").cluster(store)
     assert [item for *_, item in both.heads] == ["uncond", "cond"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# edges: defaults, boundaries, dtypes, messages
+
+
+def test_kmeans_multi_is_scikit_learn_with_one_run_by_default():
+    from sklearn.cluster import KMeans
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(60, 2, generator=g)  # no cluster structure: the k-means++ start decides
+    got = kmeans_multi(x, [5], seed=0)[5]
+    one = KMeans(n_clusters=5, init="k-means++", n_init=1, random_state=0).fit_predict(x.numpy())
+    two = KMeans(n_clusters=5, init="k-means++", n_init=2, random_state=0).fit_predict(x.numpy())
+    assert _same_partition(got, torch.from_numpy(one.astype(np.int64)))
+    assert not _same_partition(got, torch.from_numpy(two.astype(np.int64)))  # so the number of runs shows
+
+
+def test_kmeans_multi_accepts_k_equal_to_the_samples_and_names_bad_options():
+    x = torch.tensor([[0.0], [1.0], [5.0]])
+    labels = kmeans_multi(x, [3])[3]
+    assert labels.tolist() == [0, 1, 2]  # one sample per cluster
+    with pytest.raises(ConfigError, match=r"^seed must be an int >= 0"):
+        kmeans_multi(x, [2], seed=-1)
+    with pytest.raises(ConfigError, match=r"^n_init must be an int >= 1"):
+        kmeans_multi(x, [2], n_init=0)
+
+
+def test_merge_masks_counts_one_pixel_masks_exactly():
+    # k=2: one pixel labelled 1; k=3: the same pixel labelled 1. Identical one-pixel masks: IoU 1 / 1 = 1.
+    k2 = torch.zeros(3, 3, dtype=torch.int64)
+    k2[1, 1] = 1
+    merged = merge_masks({2: k2, 3: k2.clone()}, iou_threshold=1.0)
+    assert list(zip(merged.mask_k, merged.mask_label, strict=True)) == [(2, 0), (2, 1)]
+    assert merged.members[1] == ((2, 1), (3, 1))
+
+
+def test_merge_masks_counts_exactly_beyond_float32_integers():
+    """Above 2^24 pixels float32 sums of 0/1 are no longer exact (2^24 + 1 rounds to 2^24): two masks that differ by
+    one pixel out of 2^24 + 1 would look identical. One row of 2^24 + 2 pixels (a few seconds)."""
+    n = 2**24 + 2
+    k2 = torch.zeros(1, n, dtype=torch.uint8)  # one mask: everything
+    k3 = k2.clone()
+    k3[0, 0] = 1  # everything but the first pixel, and the first pixel
+    merged = merge_masks({2: k2, 3: k3}, iou_threshold=1.0)  # merge identical masks only
+    assert list(zip(merged.mask_k, merged.mask_label, strict=True)) == [(2, 0), (3, 0), (3, 1)]
+
+
+def test_stack_features_are_float32_with_a_float64_default(float64_default):
+    feats = stack_features([torch.ones(2, 2, 2, dtype=torch.float32)], 4)
+    assert feats.dtype == torch.float32
+    assert torch.equal(feats, torch.ones(16, 2, dtype=torch.float32))
+
+
+def test_stack_features_upsample_with_the_mode_asked_for():
+    x = torch.arange(4.0).reshape(1, 2, 2)
+    near = stack_features([x], 4, mode="nearest")
+    assert torch.equal(near[:, 0].reshape(4, 4), x[0].repeat_interleave(2, 0).repeat_interleave(2, 1))
+    bilinear = stack_features([x], 4)
+    assert torch.equal(bilinear[:, 0].reshape(4, 4), upsample_components(x, 4, "bilinear")[0])
+    assert not torch.equal(near, bilinear)
+
+
+def test_upsample_components_names_the_shape_it_refuses():
+    with pytest.raises(ConfigError, match=r"got \(3, 4\)"):
+        upsample_components(torch.zeros(3, 4), 8)
+    with pytest.raises(ConfigError, match="got list"):
+        upsample_components([[0.0]], 8)  # type: ignore[arg-type]
+
+
+def test_option_errors_name_the_option():
+    x = torch.tensor([[0.0], [1.0], [5.0]])
+    with pytest.raises(ConfigError, match=r"^max_iter must be an int >= 1"):
+        kmeans_multi(x, [2], max_iter=0)
+    with pytest.raises(ConfigError, match=r"iou_threshold must be in \(0, 1\]"):
+        merge_masks({2: torch.zeros(2, 2, dtype=torch.int64)}, iou_threshold=1.5)
+    with pytest.raises(ConfigError, match=r"per_head\[1\] must be a \(k, h, w\) tensor, got \(2, 2\)"):
+        stack_features([torch.ones(1, 2, 2), torch.ones(2, 2)], 4)
+    with pytest.raises(ConfigError, match=r"per_head\[0\] must be a \(k, h, w\) tensor, got list"):
+        stack_features([[[[1.0]]]], 4)  # type: ignore[list-item]
+
+
+def test_bilinear_downsizing_has_no_antialiasing():
+    """Half-pixel bilinear without antialiasing (the paper's ``F.interpolate`` default): halving a 4x4 map samples
+    between the centre pixels of each 2x2 block, i.e. averages them."""
+    x = torch.tensor([[0.0, 4.0, 0.0, 4.0], [8.0, 0.0, 8.0, 0.0], [0.0, 0.0, 16.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    down = upsample_components(x[None, None], 2)[0, 0]
+    torch.testing.assert_close(down, torch.tensor([[3.0, 3.0], [0.0, 4.0]]))

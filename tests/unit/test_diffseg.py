@@ -792,3 +792,116 @@ def test_diffseg_segment_uses_the_refined_proposals() -> None:
     unrefined = DiffSeg(kl_thresholds=(0.3, 0.3), threshold_mode="absolute", num_anchors=3).segment(FakeStore(maps))
     assert torch.equal(unrefined.labels, assign_labels(proposals, (8, 8)))
     assert not torch.equal(result.labels, unrefined.labels)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Edges: memory estimate, block sizes, pruning plan, default dtype and device
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_aggregation_memory_estimate_is_three_float32_aggregates(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The estimate is three ``R^4`` float32 tensors (the aggregate, one resized resolution, the merge's log-maps):
+    refused one byte below the memory that holds them at the CPU's allowed share, accepted at it."""
+    import attnseg.methods.ops as ops
+    from attnseg.devices import default_check_fraction
+    from attnseg.errors import AttnSegError
+
+    maps = {8: torch.full((64, 64), 1 / 64)}
+    need = 3 * 8**4 * 4
+    enough = int(need / default_check_fraction(torch.device("cpu")))
+    assert enough * default_check_fraction(torch.device("cpu")) == need  # the boundary is exact (share 1/2)
+    monkeypatch.setattr(ops, "available_memory_bytes", lambda device=None: enough)
+    assert aggregate_self_attention(maps).shape == (8, 8, 8, 8)
+    monkeypatch.setattr(ops, "available_memory_bytes", lambda device=None: enough - 1)
+    with pytest.raises(AttnSegError, match="8x8 needs"):
+        aggregate_self_attention(maps)
+
+
+def test_pruned_iteration0_in_row_blocks_that_do_not_divide_the_maps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The key pooling runs over blocks of rows; a last, shorter block uses a matching slice of the reused buffer
+    (no resized output) and gives what the dense path gives."""
+    import attnseg.methods.diffseg as diffseg
+
+    attn = aggregate_self_attention(structured_maps((32, 16), seed=9))
+    grid = anchor_grid(4, 32)
+    dense, counts_dense = diffseg._merge(attn, (0.5, 0.5), grid, prune=False)
+    monkeypatch.setattr(diffseg, "_POOL_BLOCK_ELEMENTS", 3 * 32 * 32)  # blocks of 3 rows; 1024 = 341 * 3 + 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PyTorch warns when an ``out=`` tensor of the wrong shape is resized
+        pruned, counts_pruned = diffseg._merge(attn, (0.5, 0.5), grid, prune=True)
+    assert counts_pruned == counts_dense
+    torch.testing.assert_close(pruned, dense, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("grids", "plan"),
+    [
+        ((32, 32, 32, 32), (8, 4, 4)),
+        ((64, 48, 64, 48), (8, 8, 6)),
+        ((40, 32, 32, 32), (8, 4, 4)),
+        ((16, 32, 32, 32), None),  # each side below 32 turns pruning off
+        ((32, 16, 32, 32), None),
+        ((32, 32, 16, 32), None),
+        ((32, 32, 32, 16), None),
+        ((36, 32, 32, 32), None),  # query sides must be multiples of the 8-query tile
+        ((32, 36, 32, 32), None),
+        ((32, 32, 36, 32), None),  # key sides must be multiples of the 8 bins
+        ((32, 32, 32, 36), None),
+    ],
+)
+def test_prune_plan_by_hand(grids: tuple[int, int, int, int], plan: tuple[int, int, int] | None) -> None:
+    from attnseg.methods.diffseg import _prune_plan
+
+    assert _prune_plan(*grids) == plan
+
+
+def test_assign_labels_follows_the_proposals_device(foreign_default_device: torch.device) -> None:
+    proposals = torch.rand(4, 3, 3, generator=torch.Generator().manual_seed(0))
+    expected = assign_labels(proposals, (7, 5))
+    with foreign_default_device:
+        got = assign_labels(proposals, (7, 5))
+    assert got.device == proposals.device
+    assert torch.equal(got, expected)
+
+
+def test_label_segments_with_a_float64_default_and_bad_labels(float64_default: torch.dtype) -> None:
+    labels = torch.tensor([[0, 0, 0, 5]])
+    maps = {"cat": torch.tensor([[1.0, 1.0, 1.0, 0.0]]), "sky": torch.tensor([[0.0, 0.0, 0.0, 2.0]])}
+    assert label_segments(labels, maps, mode="mean").words == {0: "cat", 5: "sky"}
+    with pytest.raises(ConfigError, match="integer"):
+        label_segments(labels.float(), maps)  # (H, W) but not integer
+    with pytest.raises(ConfigError, match="integer"):
+        label_segments(labels[None], {w: m[None] for w, m in maps.items()})  # integer but not (H, W)
+
+
+@pytest.mark.parametrize("prune", [False, True])
+def test_merge_with_a_float64_default_and_another_default_device(
+    prune: bool, float64_default: torch.dtype, foreign_default_device: torch.device
+) -> None:
+    """Iteration 0 (dense and pruned) creates its tensors in the maps' dtype and on their device."""
+    from attnseg.methods.diffseg import _merge
+
+    torch.set_default_dtype(torch.float32)
+    attn = aggregate_self_attention(structured_maps((32, 16), seed=9))
+    grid = anchor_grid(4, 32)
+    expected, counts_expected = _merge(attn, (0.5, 0.5), grid, prune=prune)
+    torch.set_default_dtype(float64_default)
+    with foreign_default_device:
+        got, counts = _merge(attn, (0.5, 0.5), grid, prune=prune)
+    assert counts == counts_expected
+    assert got.dtype == torch.float32 and got.device == attn.device
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-8)
+
+
+def test_refine_kmeans_with_a_single_iteration_is_one_lloyd_step() -> None:
+    attn = aggregate_self_attention(structured_maps((8, 4), seed=5, noise=1.5))
+    proposals = merge_proposals(attn, (0.3, 0.3), anchor_grid(3, 8))
+    data = attn.reshape(64, 64).double().numpy()
+    # one update of the centres, then the labels of the updated centres (scikit-learn's last assignment)
+    labels = lloyd_literal(data, proposals.reshape(proposals.shape[0], -1).double().numpy(), max_iter=2)
+    present = sorted(set(labels.tolist()))
+    expected = np.stack([data[labels == k].mean(axis=0) for k in present])
+    one = refine_kmeans(attn, proposals, max_iter=1, random_state=0)
+    np.testing.assert_allclose(one.reshape(len(present), -1).double().numpy(), expected, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ConfigError, match="max_iter"):
+        refine_kmeans(attn, proposals, max_iter=0)

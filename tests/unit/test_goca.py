@@ -472,3 +472,79 @@ def test_rescale_floor_is_relative_to_the_median_mass() -> None:
     assert torch.equal(rescale_per_pixel(scores, [1], eps=0.0)[:, 0], torch.ones(3))
     with pytest.raises(ConfigError, match="floor"):
         rescale_per_pixel(scores, [1], floor=-1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Edges: dtypes, batches, trivial kernels, bad indices
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_balanced_weights_are_float32_whatever_comes_in() -> None:
+    from attnseg.methods.goca import balance_by_resolution
+
+    out = balance_by_resolution(torch.tensor([0.1, 0.3, 0.6, 0.0], dtype=torch.float64), [16, 16, 8, 8])
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.tensor([0.125, 0.375, 0.5, 0.0]))
+
+
+def test_head_weights_of_half_precision_outputs_are_computed_in_float32() -> None:
+    gen = torch.Generator().manual_seed(1)
+    outs = torch.randn(3, 5, 4, generator=gen).to(torch.bfloat16)  # a model run in bfloat16
+    weight = torch.randn(6, 12, generator=gen)
+    w = head_weights(outs, weight)
+    assert w.dtype == torch.float32
+    # bfloat16 -> float32 is exact, so the float32 computation on the same values is the reference
+    torch.testing.assert_close(w, head_weights(outs.float(), weight), rtol=0, atol=0)
+
+
+def test_resize_self_attention_of_a_batch_is_the_batch_of_resizes() -> None:
+    gen = torch.Generator().manual_seed(2)
+    maps = torch.softmax(torch.randn(2, 16, 16, generator=gen), -1)  # two items on a 4x4 grid
+    out = resize_self_attention(maps, (4, 4), (2, 2))
+    assert out.shape == (2, 4, 4)
+    for i in range(2):
+        torch.testing.assert_close(out[i], resize_self_attention(maps[i], (4, 4), (2, 2)))
+
+
+def test_gaussian_blur_with_a_one_tap_kernel_is_the_identity() -> None:
+    maps = torch.arange(12.0).reshape(3, 4)
+    out = gaussian_blur(maps, kernel_size=1)
+    assert out.shape == (3, 4) and out.dtype == torch.float32
+    assert torch.equal(out, maps)
+    assert torch.equal(gaussian_blur(maps[None], kernel_size=1), maps[None])
+
+
+def test_rescale_per_pixel_refuses_negative_and_out_of_range_tokens() -> None:
+    scores = torch.tensor([[0.5, 0.1, 0.3, 0.1]])
+    with pytest.raises(ConfigError, match="T > 2"):
+        rescale_per_pixel(scores, [-1, 2])  # a negative index would silently pick the last column
+    with pytest.raises(ConfigError, match="T > 1"):
+        rescale_per_pixel(scores[None], [1])  # 3-D
+
+
+def test_head_weights_are_uniform_unless_the_output_norm_exceeds_the_smallest_float32():
+    # head 0 outputs 2^-63, head 1 outputs 0, W = I: o = (2^-63, 0), |o|^2 = 2^-126, the smallest normal float32
+    outs = torch.tensor([[[2.0**-63]], [[0.0]]])
+    assert float(outs[0, 0, 0] ** 2) == torch.finfo(torch.float32).tiny
+    torch.testing.assert_close(head_weights(outs, torch.eye(2)), torch.tensor([[0.5], [0.5]]), rtol=0, atol=0)
+    # twice as large: |o|^2 = 2^-124 > tiny, so s / |o|^2 = (1, 0)
+    torch.testing.assert_close(head_weights(2 * outs, torch.eye(2)), torch.tensor([[1.0], [0.0]]), rtol=0, atol=0)
+
+
+def test_layer_scores_on_non_square_grids_and_named_maps():
+    """Reference feature on a 2x3 grid and self maps on the same grid (no resizing), given as a mapping: the scores
+    are ``sum(Pi * S_l)`` with ``Pi = softmax(F F^T / sqrt(C))`` in float64."""
+    g = torch.Generator().manual_seed(4)
+    feature = torch.randn(6, 5, generator=g)
+    maps = {k: torch.softmax(torch.randn(6, 6, generator=g), -1) for k in ("a", "b")}
+    f = feature.double()
+    pi = torch.softmax(f @ f.T / 5**0.5, -1)
+    expected = torch.stack([(pi * maps[k].double()).sum() for k in ("a", "b")])
+    grids = {"a": (2, 3), "b": (2, 3)}
+    scores = layer_scores(feature, maps, reference_grid=(2, 3), grids=grids)
+    torch.testing.assert_close(scores.double(), expected, rtol=1e-6, atol=1e-7)
+    weights = layer_weights(feature, maps, reference_grid=(2, 3), grids=grids)
+    torch.testing.assert_close(weights.double(), expected / expected.sum(), rtol=1e-6, atol=1e-7)
+    # the same as a sequence with a sequence of grids
+    torch.testing.assert_close(layer_scores(feature, [maps["a"], maps["b"]], reference_grid=(2, 3),
+                                            grids=[(2, 3), (2, 3)]), scores)

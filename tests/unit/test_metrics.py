@@ -16,6 +16,7 @@ from attnseg.eval.metrics import (
     PerImageHungarian,
     best_match_iou,
     binary_scores,
+    hungarian_counts,
     hungarian_match,
     label_masks,
     pairwise_iou,
@@ -396,3 +397,121 @@ def test_serialised_scores_hold_the_values() -> None:
     assert s == {"accuracy": 0.75, "precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3, "iou": 0.5,
                  "iou_background": 2 / 3, "miou": (0.5 + 2 / 3) / 2}
     assert binary_scores(np.zeros((1, 2), bool), np.zeros((1, 2), int)).to_dict()["precision"] is None
+
+
+# ---------------------------------------------------------------------------------------------
+# edges: ignored pixels, round trips of every option, counts' dtypes, messages
+
+
+def test_binary_counts_leave_ignored_pixels_out() -> None:
+    # pixels: (pred 1, target 1) TP; (0, 255) ignored; (0, 0) TN; (1, 255) ignored
+    acc = BinaryAccumulator(ignore_index=255)
+    acc.update(np.array([[1, 0, 0, 1]]), np.array([[1, 255, 0, 255]]))
+    counts = acc.result().counts
+    assert (counts.tp, counts.fp, counts.fn, counts.tn) == (1, 0, 0, 1)
+
+
+def test_binary_accumulator_round_trip_keeps_ignore_index() -> None:
+    acc = BinaryAccumulator(ignore_index=255)
+    acc.update(B_PRED, B_TARGET, image_id="a")
+    d = json.loads(json.dumps(acc.to_dict()))
+    assert d["ignore_index"] == 255
+    back = BinaryAccumulator.from_dict(d)
+    assert back.ignore_index == 255
+    back.update(np.array([[1]]), np.array([[255]]))  # ignored: nothing is counted
+    assert back.result().counts == acc.result().counts
+
+
+def test_per_image_hungarian_round_trip_keeps_present_only() -> None:
+    acc = PerImageHungarian(3, present_only=True)
+    acc.update(np.array([[0, 0, 1]]), np.array([[0, 0, 1]]))
+    back = PerImageHungarian.from_dict(json.loads(json.dumps(acc.to_dict())))
+    assert back.present_only is True
+    # only present classes are matched, so merging with the original is allowed and counts add up
+    assert back.merge(acc).result().tp.tolist() == [4, 2, 0]
+
+
+def test_hungarian_counts_by_hand() -> None:
+    # target [[0,0],[0,1]], pred [[1,1],[2,3]]: 1->0 (2 px), 3->1 (1 px), segment 2 unmatched
+    tp, fp, fn = hungarian_counts(np.array([[1, 1], [2, 3]]), np.array([[0, 0], [0, 1]]), 2)
+    assert (tp.tolist(), fp.tolist(), fn.tolist()) == ([2, 1], [0, 0], [1, 0])
+    # all classes: absent class 2 is matched to a segment and charged its pixels; present_only leaves it out
+    pred, target = np.array([[0, 0, 1]]), np.array([[0, 0, 0]])
+    assert [x.tolist() for x in hungarian_counts(pred, target, 2)] == [[2, 0], [0, 1], [1, 0]]
+    assert [x.tolist() for x in hungarian_counts(pred, target, 2, present_only=True)] == [[2, 0], [0, 0], [1, 0]]
+    with pytest.raises(ConfigError):
+        hungarian_counts(np.zeros((2, 2), int), np.zeros((2, 3), int), 2)
+
+
+def test_hungarian_hist_pads_compacted_columns_with_minus_one() -> None:
+    from attnseg.eval.metrics import _hungarian_hist
+
+    # ids beyond the dense limit are compacted to the ids present: [3, 10**7], padded to num_classes = 4 columns
+    pred, target = np.array([[10**7, 3]]), np.array([[1, 0]])
+    hist, col_ids = _hungarian_hist(pred, target, 4, None)
+    assert col_ids.tolist() == [3, 10**7, -1, -1]
+    assert hist.tolist() == [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+
+
+def test_out_of_range_counts_are_int64() -> None:
+    cm = ConfusionMatrix(2)
+    assert cm.out_of_range.dtype == np.int64
+    cm.update(np.array([[5, 0]]), np.array([[1, 0]]))
+    assert cm.out_of_range.dtype == np.int64 and cm.out_of_range.tolist() == [0, 1]
+    assert cm.to_dict()["out_of_range"] == [0, 1] and all(type(x) is int for x in cm.to_dict()["out_of_range"])
+
+
+def test_dataset_hungarian_result_names_its_protocol() -> None:
+    acc = DatasetHungarian(2, 7)
+    acc.update(*IMG_A)
+    assert acc.result().protocol == "dataset-hungarian"
+    assert acc.result().to_dict()["protocol"] == "dataset-hungarian"
+
+
+def test_mask_set_errors_name_the_argument() -> None:
+    masks = np.zeros((1, 2, 2), bool)
+    with pytest.raises(ConfigError, match=r"^masks_b must be"):
+        pairwise_iou(masks, np.zeros(4, bool))
+    with pytest.raises(ConfigError, match=r"^gt_masks must be"):
+        best_match_iou(masks, np.zeros(4, bool))
+    with pytest.raises(ConfigError, match=r"^pred_masks must be"):
+        best_match_iou(np.zeros(4, bool), masks)
+
+
+def test_plain_python_lists_are_accepted() -> None:
+    s = binary_scores([[1, 1, 0, 0], [1, 0, 0, 0]], [[1, 0, 0, 0], [1, 1, 0, 0]])
+    assert s.iou == pytest.approx(2 / 4)  # as test_binary_scores_by_hand
+    cm = ConfusionMatrix(3)
+    cm.update(PRED.tolist(), TARGET.tolist())
+    assert cm.matrix.tolist() == [[1, 0, 0], [1, 2, 0], [0, 0, 1]]
+
+
+def test_label_errors_name_the_argument() -> None:
+    with pytest.raises(ConfigError, match=r"^pred must be an integer label map"):
+        ConfusionMatrix(2).update(np.zeros((1, 2)), np.zeros((1, 2), int))
+    with pytest.raises(ConfigError, match=r"^target must be an integer label map"):
+        ConfusionMatrix(2).update(np.zeros((1, 2), int), np.zeros((1, 2)))
+
+
+def test_hungarian_counts_ignore_255_by_default() -> None:
+    # the 255 pixel would be a third class-0 pixel... it is ignored: TP 1 + 1, nothing else
+    tp, fp, fn = hungarian_counts(np.array([[0, 1, 1]]), np.array([[0, 1, 255]]), 2)
+    assert (tp.tolist(), fp.tolist(), fn.tolist()) == ([1, 1], [0, 0], [0, 0])
+
+
+def test_pairwise_iou_with_no_masks_on_one_side() -> None:
+    masks = np.zeros((2, 3, 4), bool)
+    assert pairwise_iou(np.zeros((0, 3, 4), bool), masks).shape == (0, 2)
+    assert pairwise_iou(masks, np.zeros((0, 3, 4), bool)).shape == (2, 0)
+
+
+def test_per_image_hungarian_with_present_classes_only() -> None:
+    # class 2 is absent; with all classes it is matched to segment 2 and charged its pixel as a false positive
+    pred, target = np.array([[0, 0, 1, 2]]), np.array([[0, 0, 1, 1]])
+    strict = hungarian_counts(pred, target, 3)
+    lenient = hungarian_counts(pred, target, 3, present_only=True)
+    assert strict[1].tolist() == [0, 0, 1] and lenient[1].tolist() == [0, 0, 0]
+    acc = PerImageHungarian(3, present_only=True)
+    acc.update(pred, target)
+    r = acc.result()
+    assert [r.tp.tolist(), r.fp.tolist(), r.fn.tolist()] == [x.tolist() for x in lenient]

@@ -128,3 +128,28 @@ def test_group_mean_normalize_sum_and_minmax_by_hand():
     torch.testing.assert_close(minmax(x, 1), torch.tensor([[0.0, 1.0], [0.0, 1.0]]))
     torch.testing.assert_close(minmax(x, (0, 1), eps=1.0), torch.tensor([[0.2, 0.6], [0.0, 0.8]]))
     assert torch.equal(minmax(torch.full((2, 2), 3.0), (0, 1), eps=1.0), torch.zeros(2, 2))
+
+
+def test_query_tile_indices_are_made_on_the_maps_device(foreign_default_device):
+    """The nearest-resize indices are created on the maps' device (on a GPU: no host index copied per call);
+    with another default device, indices made without ``device=`` would not index these maps."""
+    g = torch.Generator().manual_seed(2)
+    maps = torch.rand(3, 3, 2, generator=g, dtype=torch.float64)
+    expected = nearest_literal(maps.numpy(), (5, 4))
+    out = torch.zeros(5, 4, 2, dtype=torch.float64)
+    with foreign_default_device:
+        got = query_tile(maps, (5, 4))
+        add_query_tiled(out, maps)
+    np.testing.assert_array_equal(got.numpy(), expected)
+    np.testing.assert_array_equal(out.numpy(), expected)
+
+
+def test_symmetric_kl_matrix_on_the_inputs_device(foreign_default_device):
+    g = torch.Generator().manual_seed(3)
+    p = torch.softmax(torch.randn(3, 5, generator=g), -1)
+    q = torch.softmax(torch.randn(4, 5, generator=g), -1)
+    expected = symmetric_kl_matrix(p, q)
+    with foreign_default_device:
+        got = symmetric_kl_matrix(p, q, chunk_size=3)
+    assert got.device == p.device
+    torch.testing.assert_close(got, expected)

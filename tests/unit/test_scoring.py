@@ -177,6 +177,7 @@ def test_semantic_scorer_with_background_offsets():
         chosen = max(pooled, key=lambda k: pooled[k][primary]) if select == "best" else select
         ref = pooled[chosen]
         assert metrics["background_offset"] == float(chosen)
+        assert metrics["offset_selection"] == ("best on the evaluated data" if select == "best" else "fixed")
         for name in ("miou", "miou_absent_as_zero", "pixel_accuracy", "num_pixels"):
             assert close(metrics[name], ref[name]), name
         assert metrics["offset_sweep"] == pytest.approx({k: v[primary] for k, v in pooled.items()}, abs=1e-12)
@@ -315,3 +316,107 @@ def test_crop_box_is_the_centred_box_of_the_input_aspect_ratio(width, height, si
     from attnseg.eval.runner import _crop_box
 
     assert _crop_box(width, height, size) == box
+
+
+# --------------------------------------------------------------------------------------------
+# edges: empty images, exact integer sums, mask sets at another size, dtypes
+
+
+def test_histogram_of_an_image_without_valid_pixels_and_its_dtype():
+    from attnseg.eval.report import _hist
+
+    empty = _hist(np.array([[3, 1]]), np.array([[255, 255]]), C, 255)  # every pixel ignored: one empty column
+    assert empty.shape == (C, 1) and empty.dtype == np.int64 and not empty.any()
+    h = _hist(np.array([[2, 0, 2]]), np.array([[1, 1, 255]]), C, 255)  # columns = predicted ids 0..2
+    assert h.dtype == np.int64
+    assert h.tolist() == [[0, 0, 0], [1, 0, 1], [0, 0, 0], [0, 0, 0]]
+
+
+def test_semantic_counts_are_summed_as_exact_integers():
+    """Counts from many records are summed as integers: no float rounding, even beyond 2^53 pixels."""
+    scorer = make_scorer({**SCORING, "matching": "semantic"})
+    big = 2**53 + 1  # not a float64
+    records = [{"counts": {"confusion": {"none": {"matrix": [[1, 1, 3]], "out_of_range": [[1, big]]}}}},
+               {"counts": {"confusion": {"none": {"matrix": [], "out_of_range": [[1, 2]]}}}}]
+    metrics, table = scorer.combine(records)
+    assert table[1]["gt_pixels"] == 3 + big + 2
+    assert metrics["num_pixels"] == 3 + big + 2
+
+
+def test_best_match_prediction_resizes_a_mask_set(data_root, tmp_path, tiny_sd_dir):
+    from attnseg.eval.runner import EvaluationRun
+
+    run = EvaluationRun(tmp_path / "r", dataset="generic", root=data_root, method="diffseg", model=str(tiny_sd_dir),
+                        matching="best-match")
+    masks = torch.zeros(2, 4, 5, dtype=torch.bool)
+    masks[0, :2] = True
+    masks[1, :, 3:] = True  # overlaps the first
+    result = SegmentationResult(labels=torch.zeros(4, 5, dtype=torch.int64), scores=masks)
+    pred = run._prediction(result, (6, 10))
+    expected = np.stack([ml.nearest_resize_literal(m.numpy().astype(np.int64), (6, 10)) for m in masks]) == 1
+    assert pred.dtype == np.bool_
+    np.testing.assert_array_equal(pred, expected)
+    np.testing.assert_array_equal(run._prediction(result, (4, 5)), masks.numpy())
+
+
+def test_nothing_to_segment_is_an_int64_background_map(data_root, tmp_path, tiny_sd_dir):
+    from attnseg.eval.runner import EvaluationRun
+
+    run = EvaluationRun(tmp_path / "a", dataset="generic", root=data_root, method="fixed-semantic",
+                        model=str(tiny_sd_dir), class_source="vocabulary")
+    run.background_id = np.int32(0)  # an id read from an array is a numpy integer, not a Python int
+    nothing = run._prediction(None, (3, 4))["none"]
+    assert nothing.dtype == np.int64
+    np.testing.assert_array_equal(nothing, np.zeros((3, 4), np.int64))
+
+
+def test_semantic_scorer_without_offsets_and_with_an_unknown_primary_metric():
+    t = np.array([[0, 1, 1], [2, 255, 3]])
+    pred = np.array([[0, 1, 0], [2, 3, 3]])
+    metrics, _ = make_scorer({**SCORING, "matching": "semantic"}).score({"none": pred}, t)
+    ref = ml.confusion_literal(pred, t, C, 255)
+    assert set(metrics) == {"miou", "pixel_accuracy"}  # one prediction: flat metrics, no "by_offset"
+    assert close(metrics["miou"], ref["miou"]) and close(metrics["pixel_accuracy"], ref["pixel_accuracy"])
+    # a primary metric the semantic scorer does not know ranks the offsets by mIoU
+    preds = {offset_key(0.0): pred, offset_key(0.1): np.zeros_like(pred)}
+    scorer = make_scorer({**SCORING, "matching": "semantic", "offsets": [0.0, 0.1], "select": "best",
+                          "primary": "best_match_iou"})
+    record = {"counts": scorer.score(preds, t)[1]}
+    combined, _ = scorer.combine([record])
+    sweep = {k: ml.confusion_literal(p, t, C, 255)["miou"] for k, p in preds.items()}
+    assert combined["offset_sweep"] == pytest.approx(sweep, abs=1e-12)
+    assert combined["background_offset"] == 0.0 and sweep["0.0"] > sweep["0.1"]
+
+
+def test_float_scores_flagged_as_masks_are_thresholded_at_one_half(data_root, tmp_path, tiny_sd_dir):
+    from attnseg.eval.runner import EvaluationRun
+
+    run = EvaluationRun(tmp_path / "r", dataset="generic", root=data_root, method="diffseg", model=str(tiny_sd_dir),
+                        matching="best-match")
+    scores = torch.tensor([[[0.2, 0.6], [0.5, 0.9]], [[0.51, 0.0], [1.0, 0.49]]])
+    flagged = SegmentationResult(labels=torch.zeros(2, 2, dtype=torch.int64), scores=scores,
+                                 meta={"scores_are_masks": True})
+    np.testing.assert_array_equal(run._prediction(flagged, (2, 2)), scores.numpy() > 0.5)
+    plain = SegmentationResult(labels=torch.tensor([[0, 1], [1, 1]]), scores=scores)  # scores, not masks: the labels
+    np.testing.assert_array_equal(run._prediction(plain, (2, 2)), np.array([[0, 1], [1, 1]]))
+
+
+def test_class_lookup_is_int64_whatever_the_ids_are(data_root, tmp_path, tiny_sd_dir):
+    from attnseg.eval.runner import EvaluationRun
+
+    run = EvaluationRun(tmp_path / "a", dataset="generic", root=data_root, method="fixed-semantic",
+                        model=str(tiny_sd_dir), class_source="vocabulary")
+    run.background_id = np.int32(0)  # a numpy integer, as an id read from an array would be
+    lut = run._class_lut(SegmentationResult(labels=torch.tensor([[0, 1]]), label_names=("zebra", "sky")))
+    assert lut.dtype == np.int64 and lut.tolist() == [0, 0]  # unknown names count as background
+
+
+def test_nothing_to_segment_without_a_background_class_is_all_wrong(data_root, tmp_path, tiny_sd_dir):
+    from attnseg.eval.runner import EvaluationRun
+
+    (data_root / "classes.txt").write_text("a\nb\nc\nd\n")  # no background class
+    run = EvaluationRun(tmp_path / "a", dataset="generic", root=data_root, method="fixed-semantic",
+                        model=str(tiny_sd_dir), class_source="vocabulary")
+    assert run.background_id is None
+    nothing = run._prediction(None, (2, 3))["none"]
+    np.testing.assert_array_equal(nothing, np.full((2, 3), C))  # id C: scored as wrong

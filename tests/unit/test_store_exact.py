@@ -256,3 +256,173 @@ def test_read_errors_name_what_is_stored_and_grid_finds_the_resolution():
     assert store.grid(3) == (2, 3) and store.grid(4) == (4, 1)
     with pytest.raises(AttnSegError, match="resolution 2"):
         store.grid(2)
+
+
+@pytest.mark.parametrize("heads", ["mean", "all"])
+def test_maps_from_an_accelerator_are_moved_to_the_store(heads):
+    """Maps computed on a GPU are moved to the store's device before they are added (every GPU run with a CPU store
+    takes this path). Checked with fake tensors (devices and shapes, no data), so it runs without a GPU: adding a
+    ``cuda`` tensor to a CPU accumulator fails there as it does on a GPU machine."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    info = layer()
+    with FakeTensorMode():
+        p = torch.empty(2, 4, 6, 5, device="cuda")
+        store = AttentionStore(heads=heads)  # on the CPU
+        # heads 0 and 1-3, query rows 0-1 and 2-5 (narrow: fake CUDA tensors cannot be sliced with [] here)
+        for h0, h in ((0, 1), (1, 3)):
+            for q0, q in ((0, 2), (2, 4)):
+                block = p.narrow(1, h0, h).narrow(2, q0, q)
+                store.add_chunk(info, block, slice(h0, h0 + h), queries=slice(q0, q0 + q))
+        store.end_call(info)
+        stored = store._entries["l.attn1"].sum
+        assert stored is not None and stored.device == torch.device("cpu")
+
+
+def test_features_from_an_accelerator_are_moved_to_the_store():
+    """Module outputs computed on a GPU are kept on the store's device (fake CUDA tensors, as above)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        store = AttentionStore()  # on the CPU
+        for _ in range(2):  # the first value is kept as it is, the second goes into the running mean
+            store.add_feature("f", torch.empty(1, 6, 4, device="cuda", dtype=torch.float16))
+        assert store.features["f"].device == torch.device("cpu") and store.features["f"].dtype == torch.float32
+
+
+def test_per_head_maps_grouped_by_resolution_need_equal_head_counts():
+    from attnseg.errors import ConfigError
+
+    store = AttentionStore(heads="all", group="resolution")
+    feed(store, layer("a.attn1", heads=4), probs(1, 4, 6, 5, 0))
+    with pytest.raises(ConfigError, match="equal head counts"):
+        feed(store, layer("b.attn1", heads=2), probs(1, 2, 6, 5, 1))  # same grid, fewer heads
+
+
+class _Blocks(AttentionStore):
+    """Records the head slices handed to ``add_chunk`` (subclasses such as the head-weighted store read them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.slices: list[slice] = []
+
+    def add_chunk(self, layer, probs, heads, out=None, *, queries=slice(None)):
+        self.slices.append(heads)
+        super().add_chunk(layer, probs, heads, out, queries=queries)
+
+
+def test_add_hands_over_every_head_by_its_index_range():
+    store = _Blocks()
+    store.add(layer(heads=3), probs(1, 3, 6, 4, 0))
+    assert store.slices == [slice(0, 3)]
+
+
+def test_item_is_one_batch_item_with_the_layers_features_and_meta():
+    info = layer()
+    calls = [probs(3, 4, 6, 5, s) for s in (1, 2)]
+    store = AttentionStore(heads="all", batch=slice(0, 3), meta={"prompt": "a cat"})
+    for p in calls:
+        feed(store, info, p, (2,))
+    store.add_feature("f", torch.arange(3.0 * 2 * 2).reshape(3, 2, 2))
+    one = store.item(1)
+    expected = lit.store_mean_literal(calls, "all")
+    assert one.get("l.attn1", batch_index=None).shape == (1, 4, 6, 5)
+    check(one.get("l.attn1"), expected[1], torch.float32)
+    torch.testing.assert_close(one.features["f"], torch.arange(4.0, 8.0).reshape(1, 2, 2))
+    assert one.layers == {"l.attn1": info} and one.meta == {"prompt": "a cat"} and one.batch is None
+    one.meta["prompt"] = "a dog"  # the copy's dictionaries are its own
+    assert store.meta["prompt"] == "a cat"
+    check(store.get("l.attn1", batch_index=2), expected[2], torch.float32)  # the original is unchanged
+
+
+def test_kept_batch_applies_the_batch_slice():
+    assert AttentionStore().kept_batch(4) == 4
+    assert AttentionStore(batch=slice(1, 2)).kept_batch(2) == 1
+    assert AttentionStore(batch=slice(1, None)).kept_batch(4) == 3
+
+
+def test_maps_in_another_dtype_are_averaged_in_float32_and_rounded_once():
+    """Into a float16 store, a call's head mean is computed in float32 and rounded to float16 once (adding the heads
+    one by one in float16 would round after every head)."""
+    info = layer()
+    p = probs(2, 4, 6, 5, 21)
+    store = AttentionStore(dtype=torch.float16)
+    feed(store, info, p)
+    stored = store._entries["l.attn1"].sum
+    assert stored is not None
+    assert torch.equal(stored, (p.sum(1) / 4).to(torch.float16))
+    sequential = torch.zeros(2, 6, 5, dtype=torch.float16)
+    for i in range(4):
+        sequential.add_(p[:, i], alpha=0.25)
+    assert not torch.equal(sequential, stored)  # so the two ways can be told apart here
+
+
+def test_by_resolution_reads_the_batch_item_asked_for():
+    a, b = layer("a.attn1"), layer("b.attn1")
+    pa, pb = probs(2, 4, 6, 6, 30), probs(2, 4, 6, 6, 31)
+    store = AttentionStore()
+    feed(store, a, pa)
+    feed(store, b, pb)
+    expected = (lit.head_mean_literal(pa) + lit.head_mean_literal(pb)) / 2  # (B, Q, K): layers weigh alike
+    check(store.self_attention(batch_index=1)[3], expected[1], torch.float32)
+    check(store.self_attention(batch_index=None)[3], expected, torch.float32)
+
+
+def test_add_names_the_shape_it_expects():
+    from attnseg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"probs must be \(B, 3, Q = 6, K\) for l.attn1, got \(1, 2, 6, 4\)"):
+        AttentionStore().add(layer(heads=3), probs(1, 2, 6, 4, 0))
+
+
+def test_a_half_precision_store_adds_each_call_in_its_own_dtype():
+    """Each call's head mean is converted to the store's dtype, then added there (float16 + float16); adding the
+    float32 mean to the float16 sum would round once instead of twice, and differ."""
+    info = layer()
+    calls = [probs(2, 4, 6, 5, s) for s in (40, 41, 42)]
+    store = AttentionStore(dtype=torch.float16)
+    for p in calls:
+        feed(store, info, p)
+    stored = store._entries["l.attn1"].sum
+    assert stored is not None
+    in_dtype = torch.zeros(2, 6, 5, dtype=torch.float16)
+    mixed = torch.zeros(2, 6, 5, dtype=torch.float16)
+    for p in calls:
+        in_dtype += (p.sum(1) / 4).to(torch.float16)
+        mixed += p.sum(1) / 4
+    assert torch.equal(stored, in_dtype)
+    assert not torch.equal(in_dtype, mixed)  # so the two can be told apart here
+
+
+def test_a_call_with_another_batch_size_or_map_size_is_refused():
+    from attnseg.errors import AttnSegError
+
+    store = AttentionStore()
+    feed(store, layer(), probs(2, 4, 6, 5, 0))
+    with pytest.raises(AttnSegError, match="do not match the maps already stored"):
+        feed(store, layer(), probs(1, 4, 6, 5, 1))  # same maps, one batch item
+    with pytest.raises(AttnSegError, match="do not match the maps already stored"):
+        store.add_chunk(layer(grid=(2, 3)), probs(2, 4, 6, 7, 2), slice(0, 4))  # same batch, 7 keys
+
+
+def test_iterating_a_store_gives_its_keys_and_keys_are_described_in_words():
+    from attnseg.capture.store import _describe_key
+
+    store = AttentionStore(group="resolution")
+    feed(store, layer("a.attn1"), probs(1, 4, 6, 5, 0))
+    feed(store, layer("c.attn2", kind="cross", grid=(1, 2)), probs(1, 4, 2, 7, 1))
+    assert list(store) == store.keys() == ["self/2x3", "cross/1x2"]
+    assert _describe_key("self/2x3") == "self-attention at 2x3"
+    assert _describe_key("down.0.attn1") == "down.0.attn1"
+
+
+def test_a_batch_item_can_be_saved_with_its_features(tmp_path):
+    store = AttentionStore(batch=slice(0, 2))
+    info = layer()
+    feed(store, info, probs(2, 4, 6, 5, 3))
+    for v in (torch.zeros(2, 3, 4), torch.ones(2, 3, 4)):
+        store.add_feature("f", v)
+    back = AttentionStore.load(store.item(1).save(tmp_path / "item1"))
+    check(back.get("l.attn1"), store.get("l.attn1", batch_index=1).double(), torch.float32)
+    torch.testing.assert_close(back.features["f"], torch.full((1, 3, 4), 0.5))
+    assert back._feature_counts == {"f": 2}

@@ -396,3 +396,61 @@ def test_relative_threshold_is_tau_times_the_median():
     assert TargetSegmenter(tau_mode="absolute").tau == 0.9
     with pytest.raises(ConfigError, match="tau_mode"):
         TargetSegmenter(tau_mode="quantile")
+
+
+def test_target_cross_map_skips_resolutions_without_a_weight_and_validates_shapes():
+    fine = torch.zeros(16, 3)
+    fine[:, 1] = torch.arange(16.0)
+    coarse = torch.zeros(4, 3)
+    coarse[:, 1] = torch.tensor([3.0, 2.0, 1.0, 0.0])
+    # resolution 2 has no weight at all (not even 0): skipped, so the result is the fine map alone, minmaxed
+    out = aggregate_target_cross({2: coarse, 4: fine}, [1], {4: 0.5}, (4, 4))
+    torch.testing.assert_close(out, 0.5 * torch.arange(16.0).reshape(4, 4) / 15)
+    with pytest.raises(ConfigError, match=r"\(N, T\) with T > 3"):
+        aggregate_target_cross({4: fine}, [3], {4: 1.0}, (4, 4))  # token 3 of 3 columns
+    with pytest.raises(ConfigError, match=r"\(N, T\)"):
+        aggregate_target_cross({4: fine[None]}, [1], {4: 1.0}, (4, 4))  # 3-D
+
+
+def test_target_cross_map_is_float32_with_a_float64_default(float64_default):
+    fine = torch.zeros(16, 3, dtype=torch.float32)
+    fine[:, 1] = torch.arange(16.0)
+    out = aggregate_target_cross({4: fine}, [1], {4: 1.0}, (4, 4))
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, (torch.arange(16.0) / 15).reshape(4, 4).float())
+
+
+def test_fallback_keeps_at_least_one_map():
+    """``round(fraction * R^2)`` of 0 still keeps the lowest-D map, and only it."""
+    attn = smooth_self_attention(4)
+    blob = torch.zeros(4, 4)
+    blob[1, 2] = 1.0
+    sel = guided_selection(blob, attn, tau=1e-9, fallback_fraction=0.02)  # round(0.32) = 0
+    assert sel.fallback and sel.num_selected == 1
+    best = int(sel.divergence.reshape(-1).argmin())
+    assert sel.selected.reshape(-1).nonzero().reshape(-1).tolist() == [best]
+    torch.testing.assert_close(sel.mean_map.reshape(-1), attn.reshape(16, 16)[best])
+
+
+def test_selection_normalises_maps_that_do_not_sum_to_one():
+    """Both inputs are L1-normalised (each self map by its own sum), so scaling maps changes nothing."""
+    from attnseg.methods.target import _l1_normalise
+
+    rows = torch.tensor([[1.0, 3.0], [2.0, 2.0], [0.0, 5.0]])
+    expected = torch.tensor([[1.5 / 5, 3.5 / 5], [0.5, 0.5], [0.5 / 6, 5.5 / 6]])  # (x + 0.5) / its row's sum
+    torch.testing.assert_close(_l1_normalise(rows, 0.5), expected)
+    attn = smooth_self_attention(8)
+    blob = torch.zeros(8, 8)
+    blob[2:5, 3:6] = 1.0
+    scale = torch.linspace(0.5, 4.0, 64).reshape(8, 8, 1, 1)  # a different sum for every map
+    plain = guided_selection(blob, attn, tau=1.0, eps=1e-12)
+    scaled = guided_selection(3.0 * blob, attn * scale, tau=1.0, eps=1e-12)
+    torch.testing.assert_close(scaled.divergence, plain.divergence, rtol=1e-5, atol=1e-6)
+    assert torch.equal(scaled.selected, plain.selected)
+
+
+def test_fallback_fraction_above_one_is_refused():
+    attn = smooth_self_attention(4)
+    with pytest.raises(ConfigError, match="fallback_fraction"):
+        guided_selection(torch.ones(4, 4), attn, fallback_fraction=1.5)
+    assert guided_selection(torch.ones(4, 4), attn, tau=1e-9, fallback_fraction=1.0).num_selected == 16
