@@ -427,7 +427,7 @@ def test_flux1_dev_at_1024_px_estimate_by_hand():
     output arrives; before, it kept 57 float32 4096^2 maps and 57 maps of all 512 columns."""
     est, _, length = _flux1_dev_estimate()
     n = 4096
-    kept = 57 * n * (length + 1) * 4 + n * n * 4 + 57 * 8  # cross maps + rest, affinity, scores
+    kept = 57 * n * (length + 1) * 4 + n * n * 4 + 57 * 4  # cross maps + rest, affinity, scores
     assert est.kept_bytes() == kept
     held = [it for it in est.items if "held until it arrives" in it.what]
     assert len(held) == 1 and 28 * n * n * 2 <= held[0].nbytes <= 28 * n * n * 2 + 16 * MiB

@@ -211,10 +211,10 @@ class HeadWeightedStore(AttentionStore):
         # G2 state of the forward pass in progress (see the module docstring)
         self._awaiting: dict[str, torch.Tensor] = {}  # layer -> (B, n_r, n_r) map held until the feature arrives
         self._call_mode: dict[str, _Mode] = {}  # reference layers whose call is open
-        self._call_scores: dict[str, torch.Tensor] = {}  # layer -> (B,) float64 score of the open call
+        self._call_scores: dict[str, torch.Tensor] = {}  # layer -> (B,) float32 score of the open call
         self._pi: torch.Tensor | None = None  # (B, n_r, n_r) float32, between the feature and the last layer
         self._scored: set[str] = set()  # layers scored against the current feature
-        self._rows_cache: dict[tuple[tuple[int, int], tuple[int, int]], torch.Tensor] = {}
+        self._rows_cache: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def scores_on_arrival(self) -> bool:
@@ -259,7 +259,7 @@ class HeadWeightedStore(AttentionStore):
         """The store's tensors for a capture of ``layers``, from shapes (see ``AttentionStore.memory_items``).
 
         Kept: per cross layer one head-weighted ``(B, N, L)`` map (``L`` = ``text_columns``, or all ``T``) and, with
-        ``text_columns``, the ``(B, N, 1)`` sum of the other columns; per reference layer a ``(B, 1, 1)`` float64
+        ``text_columns``, the ``(B, N, 1)`` sum of the other columns; per reference layer a ``(B, 1, 1)`` float32
         score (or, with ``reference_feature=None``, its ``(B, n_r, n_r)`` map); one ``(B, n_g, n_g)`` refinement
         affinity.
 
@@ -315,7 +315,7 @@ class HeadWeightedStore(AttentionStore):
                         items.append(MemoryItem(f"the reference-grid map of {info.name}",
                                                 nbytes((b, g, g), self.dtype), "kept", dev, info.name))
                     else:
-                        items.append(MemoryItem(f"the layer score of {info.name}", nbytes((b, 1, 1), torch.float64),
+                        items.append(MemoryItem(f"the layer score of {info.name}", nbytes((b, 1, 1)),
                                                 "kept", dev, info.name))
                         if ref_index is None or info.index <= ref_index:
                             awaiting += nbytes((b, g, g), self.reference_map_dtype)
@@ -448,16 +448,18 @@ class HeadWeightedStore(AttentionStore):
 
         if tuple(grid) == tuple(size):
             return slice(q0, q1), part
-        key = (tuple(grid), tuple(size))
-        src = self._rows_cache.get(key)
-        if src is None:
-            src = self._rows_cache[key] = _source_rows(grid, size).to(part.device)
-        targets = ((src >= q0) & (src < q1)).nonzero().squeeze(1)
+        key = (tuple(grid), tuple(size), q0, q1, part.device)
+        cached = self._rows_cache.get(key)
+        if cached is None:  # worked out on the host from shapes alone, once per block of rows
+            src = _source_rows(grid, size)
+            targets = ((src >= q0) & (src < q1)).nonzero().squeeze(1)
+            cached = self._rows_cache[key] = (targets.to(part.device), (src[targets] - q0).to(part.device))
+        targets, sources = cached
         if targets.numel() == 0:
             return None
         b, q, _ = part.shape
         up = key_upsample(part.reshape(b * q, grid[0], grid[1]), size).reshape(b, q, size[0] * size[1])
-        return targets, up[:, src[targets] - q0]
+        return targets, up[:, sources]
 
     def _add_self(self, layer: LayerInfo, probs: torch.Tensor, queries: slice) -> None:
         name = layer.name
@@ -477,7 +479,7 @@ class HeadWeightedStore(AttentionStore):
                 rows, values = got
                 if mode == "score":
                     assert self._pi is not None
-                    self._call_scores[name] += (self._pi[:, rows] * values).sum((1, 2)).double()
+                    self._call_scores[name] += (self._pi[:, rows] * values).sum((1, 2))
                 else:
                     target = self._reference_target(layer, mode, b)
                     target[:, rows] += values  # one rounding to the target's dtype per block
@@ -502,7 +504,7 @@ class HeadWeightedStore(AttentionStore):
                 self._end_forward()
             if self._pi is not None:
                 mode = "score"
-                self._call_scores[name] = torch.zeros(b, dtype=torch.float64, device=self.device)
+                self._call_scores[name] = torch.zeros(b, dtype=torch.float32, device=self.device)
             else:
                 if name in self._awaiting:
                     raise AttnSegError(
@@ -532,7 +534,7 @@ class HeadWeightedStore(AttentionStore):
     def _add_score(self, name: str, score: torch.Tensor) -> None:
         """One call's score ``(B,)`` of a reference layer, into its running mean."""
         b = score.shape[0]
-        entry = self._entry(name + _SCORE_SUFFIX, SCORE_KIND, (1, 1), name, (b, 1, 1), torch.float64)
+        entry = self._entry(name + _SCORE_SUFFIX, SCORE_KIND, (1, 1), name, (b, 1, 1), torch.float32)
         assert entry.sum is not None
         entry.sum += score.reshape(b, 1, 1).to(entry.sum.device)
         entry.count += 1
@@ -569,13 +571,13 @@ class HeadWeightedStore(AttentionStore):
         b = feature.shape[0]
         step = _block_rows(b, g)
         if ready:  # score the held maps block by block of Pi's rows, then drop them
-            scores = {n: torch.zeros(b, dtype=torch.float64, device=self.device) for n in ready}
+            scores = {n: torch.zeros(b, dtype=torch.float32, device=self.device) for n in ready}
             for r0 in range(0, g, step):
                 r1 = min(g, r0 + step)
                 pi = _pi_rows(feature, r0, r1)
                 for n in ready:
                     rows = self._awaiting[n][:, r0:r1].to(torch.float32)
-                    scores[n] += (pi * rows).sum((1, 2)).double()
+                    scores[n] += (pi * rows).sum((1, 2))
                 del pi
             for n in ready:
                 del self._awaiting[n]
@@ -594,11 +596,11 @@ class HeadWeightedStore(AttentionStore):
         assert self._pi is not None
         held = self._awaiting.pop(name)
         b, g, _ = held.shape
-        score = torch.zeros(b, dtype=torch.float64, device=self.device)
+        score = torch.zeros(b, dtype=torch.float32, device=self.device)
         step = _block_rows(b, g)
         for r0 in range(0, g, step):
             r1 = min(g, r0 + step)
-            score += (self._pi[:, r0:r1] * held[:, r0:r1].to(torch.float32)).sum((1, 2)).double()
+            score += (self._pi[:, r0:r1] * held[:, r0:r1].to(torch.float32)).sum((1, 2))
         self._add_score(name, score)
 
     def end_call(self, layer: LayerInfo) -> None:
