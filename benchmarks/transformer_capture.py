@@ -14,13 +14,20 @@ Variants per stack and size, run interleaved (plain, diffseg, goca, plain, ...) 
 - ``diffseg``: every image->image part (Flux) / self layer (PixArt) captured into one head- and layer-mean map.
 - ``goca``: GoCA's store with the family defaults mapped to the stack (:meth:`method_defaults`): Flux averages
   heads, takes its reference feature from the first single-stream block and refines with double block 1's
-  image->image part; PixArt weights heads per pixel (per-head outputs), refines with both blocks, order 5.
+  image->image part; PixArt weights heads per pixel (per-head outputs), refines with both blocks, order 5. G2's
+  layer scores are computed during the pass (the maps of the layers before the reference feature held in float16
+  until it arrives); only the prompt's text columns are kept where head weights are non-negative (Flux).
+- ``goca_keep_every_map``: the same store keeping every G2 map at the reference grid (float32) and every text
+  column, scored after the pass, as GoCA's store did before: the baseline of the reduction, in the same run.
 
-Times are the forward pass alone (the method's post-processing is reported separately); peak memory is the
-largest resident-set size sampled during a run minus the size before it. The results file also holds the memory
-estimate from shapes for the full Flux.1 model at 1024 px.
+Times are the forward pass alone (the method's post-processing is reported separately, and with it in
+``forward_and_segment_ratio_vs_plain``: GoCA now computes G2's pseudo self-attention during the pass, where it
+used to be post-processing); peak memory is the
+largest resident-set size sampled during a run (forward pass and segmentation) minus the size before it. The results
+file also holds the memory estimate from shapes for the full Flux.1-dev model at 1024 px (:func:`full_flux_estimate`).
 
-    python benchmarks/transformer_capture.py [--threads 1] [--repeats 2] [--repeats-1024 1]
+    MALLOC_MMAP_THRESHOLD_=131072 python benchmarks/transformer_capture.py [--threads 1] [--repeats 2] \
+        [--repeats-1024 1]
 
 Writes benchmarks/results/transformer_capture.json and prints a table.
 """
@@ -144,7 +151,7 @@ def run_case(
     layers = stack.attention_layers()
     enc = tokenize(tok, "cat, grass, wall", text)
     prompt = Prompt(text="cat, grass, wall", embeddings=emb, **enc.fields())
-    meta = {"image_size": [size, size]}
+    meta = {"image_size": [size, size], "tokens": list(enc.tokens[: enc.length])}  # as the pipeline gives it
     diffseg = DiffSeg(num_anchors=16)
     ds_layers = diffseg.select_layers(layers)
     goca = GoCA(**resolve_settings("goca", stack, params={"classes": "cat, grass, wall"}).params)
@@ -168,9 +175,11 @@ def run_case(
             "segments": result.num_segments,
         }
 
-    def run_goca() -> tuple[torch.Tensor, float, float, dict[str, Any]]:
+    def run_goca(keep_every_map: bool = False) -> tuple[torch.Tensor, float, float, dict[str, Any]]:
         start = time.perf_counter()
         store = goca.make_store(stack, {n: layers[n] for n in goca_layers}, dict(meta))  # type: ignore[arg-type]
+        if keep_every_map:  # every G2 map at the reference grid and every text column, scored after the pass
+            store.reference_feature, store.text_columns = None, None
         with AttentionTracer(model, store, layers={n: layers[n] for n in goca_layers}, features=goca_features):
             out = forward()
         mid = time.perf_counter()
@@ -180,7 +189,8 @@ def run_case(
             "labels": sorted(result.labels.unique().tolist()),
         }
 
-    runs = {"plain": plain, "diffseg": run_diffseg, "goca": run_goca}
+    runs = {"plain": plain, "diffseg": run_diffseg, "goca": run_goca,
+            "goca_keep_every_map": lambda: run_goca(keep_every_map=True)}
     with torch.no_grad():
         reference = forward() if warmup else None  # warm-up (skipped where one forward takes minutes)
         fwd: dict[str, list[float]] = {k: [] for k in runs}
@@ -209,6 +219,7 @@ def run_case(
             "forward_seconds_median": round(f, 2), "forward_seconds_all": [round(v, 2) for v in fwd[name]],
             "segment_seconds_median": round(statistics.median(post[name]), 2),
             "forward_ratio_vs_plain": round(f / base_t, 3),
+            "forward_and_segment_ratio_vs_plain": round((f + statistics.median(post[name])) / base_t, 3),
             "peak_rss_delta_mb": round(statistics.median(peaks[name]) / MiB, 1),
             "extra_peak_vs_plain_mb": round((statistics.median(peaks[name]) - base_m) / MiB, 1),
             "max_abs_output_diff_vs_plain": diffs[name], **infos[name],
@@ -219,27 +230,56 @@ def run_case(
 
 
 def full_flux_estimate(size: int = 1024) -> dict[str, Any]:
-    """Memory kept or held by capture for the full Flux.1 (19 + 38 blocks) at ``size`` px, from shapes (float32)."""
-    n, t, heads, d, layers = (size // 16) ** 2, 512, 24, 128, 57
-    f4 = 4
-    probs_block_cpu, probs_block_gpu = 4 * MiB, 256 * MiB  # CaptureProcessor/JointCaptureProcessor defaults
-    full_layer = heads * (n + t) ** 2 * f4
-    est = {
-        "one_full_attention_tensor_mb": round(full_layer / MiB),  # what is never materialised
-        "probability_block_mb": {"cpu": probs_block_cpu // MiB, "accelerator": probs_block_gpu // MiB},
-        "diffseg_store_mb": round(n * n * f4 / MiB),  # one (N, N) mean over all 57 image->image parts
-        "goca_cross_maps_mb": round(layers * n * t * f4 / MiB),  # one (N, T) head-averaged map per layer
-        "goca_refine_affinity_mb": round(n * n * f4 / MiB),  # mean of blocks 12 and 18, at the map grid
-        "goca_pending_self_map_mb": round(n * n * f4 / MiB),  # the head mean of the layer being captured
-        "goca_reference_feature_mb": round(n * heads * d * f4 / MiB),
-        "goca_layer_weight_self_maps_mb": round(layers * n * n * f4 / MiB),  # G2: one (N_r, N_r) map per layer
+    """Memory of a capture on the full Flux.1-dev (19 + 38 blocks, the real config on the meta device) at ``size`` px,
+    from shapes (:func:`attnseg.capture.memory.estimate_capture`, the estimate the pipeline checks before a run).
+
+    GoCA with the Flux settings and the prompt "cat, grass, wall", as made by ``GoCA.make_store``; beside it the same
+    store keeping every G2 map and every text column (``reference_feature=None, text_columns=None``: what GoCA's
+    store kept before layer scores were computed during capture), and DiffSeg. Per device type: the capture
+    processor's probability blocks are 4 MiB on the CPU and 256 MiB on accelerators.
+    """
+    from diffusers import FluxTransformer2DModel
+
+    from attnseg.capture.memory import estimate_capture
+
+    config_path = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "configs" / "flux1_dev_transformer.json"
+    config = {k: v for k, v in json.loads(config_path.read_text()).items() if not k.startswith("_")}
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**config)
+    text = 512
+    stack = StackOnly("flux", model, size, flux_attention_layers, 16, text, FluxAdapter)
+    layers = stack.attention_layers()
+    tok = t5_tokenizer(text)
+    goca = GoCA(**resolve_settings("goca", stack, params={"classes": "cat, grass, wall"}).params)
+    enc = tokenize(tok, goca.prompt, text)
+    selected = {n: layers[n] for n in goca.select_layers(layers)}
+    meta = {"image_size": [size, size], "tokens": list(enc.tokens[: enc.length])}
+
+    def summary(store: Any, chosen: dict[str, LayerInfo], method: Any, device: str) -> dict[str, Any]:
+        store.device = torch.device(device)  # the meta model's store, placed where the estimate runs
+        est = estimate_capture(store, chosen, text_tokens=text, model_dtype=DTYPE, device=device, method=method)
+        mib = {k: round(v / MiB, 1) for k, v in est.to_dict()["per_device"][str(est.device)].items()}
+        big = sorted(est.items, key=lambda it: -it.nbytes)
+        return {**mib, "peak_gib": round(est.peak_bytes() / 2**30, 3), "peak_gb": round(est.peak_bytes() / 1e9, 3),
+                "largest_items_mb": [f"{it.phase}: {it.nbytes / MiB:.1f} {it.what}" for it in big[:6]],
+                "items": len(big)}
+
+    out: dict[str, Any] = {
+        "model": "FluxTransformer2DModel, tests/fixtures/configs/flux1_dev_transformer.json (19 + 38 blocks, "
+                 f"24 heads x 128), {size} px: {layers[next(iter(layers))].num_tokens} image + {text} text tokens",
+        "goca": repr(goca), "prompt_tokens": enc.length,
+        "one_full_attention_tensor_mb": round(24 * (layers[next(iter(layers))].num_tokens + text) ** 2 * 4 / MiB),
     }
-    goca_total = (est["goca_cross_maps_mb"] + est["goca_refine_affinity_mb"] + est["goca_pending_self_map_mb"]
-                  + est["goca_reference_feature_mb"] + est["goca_layer_weight_self_maps_mb"])
-    vanilla = 3 * n * t * f4 / MiB + est["goca_refine_affinity_mb"] + est["goca_pending_self_map_mb"]
-    est["goca_defaults_total_mb"] = round(goca_total)
-    est["goca_vanilla_total_mb"] = round(vanilla)  # uniform layer weights, blocks 8/28/47: no G2 maps
-    return est
+    for device, label in (("cpu", "cpu"), ("cuda", "accelerator")):
+        store = goca.make_store(stack, selected, dict(meta))  # type: ignore[arg-type]
+        out[f"goca_{label}"] = summary(store, selected, goca, device)
+        every = goca.make_store(stack, selected, dict(meta))  # type: ignore[arg-type]
+        every.reference_feature, every.text_columns = None, None
+        out[f"goca_keep_every_map_{label}"] = summary(every, selected, goca, device)
+        ds = DiffSeg(num_anchors=16)
+        ds_layers = {n: layers[n] for n in ds.select_layers(layers)}
+        out[f"diffseg_{label}"] = summary(AttentionStore(heads="mean", group="resolution"), ds_layers, ds, device)
+    return out
 
 
 def main() -> None:
@@ -250,6 +290,7 @@ def main() -> None:
     parser.add_argument("--stacks", nargs="+", default=["flux", "pixart"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    load_before = [round(v, 2) for v in os.getloadavg()]
     tok = t5_tokenizer(512)
     cases = []
     for family in args.stacks:
@@ -261,7 +302,7 @@ def main() -> None:
             case = run_case(family, model, size, reps, tok, warmup=size < 1024 or family != "flux")
             cases.append(case)
             for name, r in case["results"].items():
-                print(f"{family:6s} {size:5d} {name:8s} fwd {r['forward_seconds_median']:7.2f} s  "
+                print(f"{family:6s} {size:5d} {name:19s} fwd {r['forward_seconds_median']:7.2f} s  "
                       f"x{r['forward_ratio_vs_plain']:.3f}  peak {r['peak_rss_delta_mb']:8.1f} MB  "
                       f"extra {r['extra_peak_vs_plain_mb']:8.1f} MB  segment {r['segment_seconds_median']:.2f} s",
                       flush=True)
@@ -281,7 +322,12 @@ def main() -> None:
         "note": (f"{args.repeats} interleaved repeat(s) below 1024 px and {args.repeats_1024} at 1024 px on this "
                  "2-core CPU, one thread (a 1024 px Flux-shaped forward takes minutes here); medians over the "
                  "repeats; a warm-up forward before each case except Flux at 1024 px. Ratios divide by the plain "
-                 "forward's median in the same run. Single runs on a shared machine: read ratios to about +-5%."),
+                 "forward's median in the same run. Single runs on a shared machine: read ratios to about +-5%. "
+                 "With MALLOC_MMAP_THRESHOLD_ set (see malloc_mmap_threshold), glibc maps every large tensor on its "
+                 "own and returns it when freed, so the resident set follows the live tensors instead of what earlier "
+                 "runs left in the heap."),
+        "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+        "load_average_1_5_15_min": {"start": load_before, "end": [round(v, 2) for v in os.getloadavg()]},
         "torch": torch.__version__,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "full_flux1_estimate_1024px": full_flux_estimate(),

@@ -273,7 +273,8 @@ class AttentionSegmentationPipeline:
         layers = self.adapter.attention_layers(size)
         selected = {n: layers[n] for n in self.method.select_layers(layers)}
         encoded = self.adapter.encode_prompt(opts.prompt)
-        store = self.new_store(selected, {"image_size": list(size), "prompt": opts.prompt})
+        store = self.new_store(selected, {"image_size": list(size), "prompt": opts.prompt,
+                                          "tokens": list(encoded.tokens[: encoded.length])})
         return estimate_capture(
             store, selected, batch=batch, text_tokens=int(encoded.embeddings.shape[1]), model_dtype=self.adapter.dtype,
             device=self.adapter.device, method=self.method,

@@ -7,7 +7,14 @@ import copy
 import pytest
 import torch
 
-from attnseg.capture.goca import REFINE_KEY, HeadWeightedStore, cross_maps, reference_self_maps, refine_affinity
+from attnseg.capture.goca import (
+    REFINE_KEY,
+    HeadWeightedStore,
+    cross_maps,
+    layer_scores_of,
+    reference_self_maps,
+    refine_affinity,
+)
 from attnseg.capture.store import AttentionStore
 from attnseg.errors import AttnSegError, ConfigError
 from attnseg.methods.base import METHODS, Segmenter, create_method
@@ -408,7 +415,8 @@ def test_variants_and_background_objects_run(tiny_adapter, rgb_image, variant):
     if variant == "baseline":
         assert len(stored["cross_layers"]) < sum(i.kind == "cross" for i in tiny_adapter.attention_layers().values())
     assert (stored["head_method"] == "average") == (variant != "goca")
-    assert (variant == "goca") == bool(out.store.features)
+    # automatic layer weights: one score per cross layer, computed during capture (no reference feature kept)
+    assert (variant == "goca") == bool(layer_scores_of(out.store)) and not out.store.features
 
 
 def test_no_refinement_and_a_custom_prompt(tiny_adapter, rgb_image):

@@ -403,7 +403,7 @@ def _goca(
 ) -> list[MemoryItem]:
     items = [_reading(store, layers, batch, tt)]
     grid = getattr(store, "reference_grid", None)
-    if grid is not None:
+    if grid is not None and not getattr(store, "scores_on_arrival", False):  # G2 from kept maps, after the pass
         n = grid[0] * grid[1]
         items.append(MemoryItem(f"GoCA's pseudo self-attention at {grid[0]}x{grid[1]} and one resized layer map",
                                 3 * nbytes((n, n)), "post", str(store.device)))

@@ -7,7 +7,8 @@ follows the reference code (``Darkbblue/goca``) as specified in ``METHODS.md`` Â
 - G1 :func:`head_weights`: per pixel, each head's share of the layer output (``<c_h(p), o(p)> / |o(p)|^2``);
   computed during capture by :class:`~attnseg.capture.goca.HeadWeightedStore` (per-head maps never outlive a call).
 - G2 :func:`layer_weights`: one weight per cross layer, the dot product of its block's self-attention with the
-  pseudo self-attention ``softmax(F F^T / sqrt(C))`` of a reference feature ``F``.
+  pseudo self-attention ``softmax(F F^T / sqrt(C))`` of a reference feature ``F``; the scores are computed during
+  capture, as the maps and ``F`` arrive (:class:`~attnseg.capture.goca.HeadWeightedStore`).
 - G3 :func:`aggregate_cross_attention`: weighted sum of the upsampled layer maps, clamped, normalised over tokens.
 - G4 :func:`rescale_per_pixel` (per-pixel rescaling among content tokens), :func:`gaussian_blur` and minmax.
 - G5 background support: max over background-object maps.
@@ -16,7 +17,9 @@ follows the reference code (``Darkbblue/goca``) as specified in ``METHODS.md`` Â
 
 Deviations from the reference (each also stated where it happens):
 
-- Everything runs in float32 (the reference stores captured tensors in fp16).
+- Everything runs in float32 (the reference stores captured tensors in fp16), except G2's self maps of the layers
+  that run before the reference feature: they are held in float16 until it arrives (as the reference stores them);
+  every later layer is scored in float32 as its rows arrive.
 - Head weights: where ``o(p) = 0`` the weights are uniform ([proposal]); with ``"dot-product"`` (clamped) a pixel
   whose clamped scores are all 0 also gets uniform weights (the reference's ``NaN -> 1`` gives weights summing to
   the head count there, a scale artefact).
@@ -871,8 +874,10 @@ class GoCA:
     def make_store(
         self, adapter: DiffusionAdapter, layers: dict[str, LayerInfo], meta: dict[str, Any]
     ) -> HeadWeightedStore:
-        """A :class:`~attnseg.capture.goca.HeadWeightedStore` that head-weights cross maps during capture and keeps
-        only the reduced self maps G2 and G6 need."""
+        """A :class:`~attnseg.capture.goca.HeadWeightedStore` that head-weights cross maps during capture, scores
+        G2's layers as their self maps arrive (the maps of the layers before the reference feature are held in
+        float16 until it arrives) and keeps the refinement affinity G6 needs; with ``meta["tokens"]`` (the prompt's
+        tokens, padding excluded) and non-negative head weights it keeps only the prompt's text columns."""
         from attnseg.capture.goca import HeadWeightedStore
 
         all_layers = adapter.attention_layers(tuple(meta["image_size"]) if meta.get("image_size") else None)
@@ -893,15 +898,21 @@ class GoCA:
             reference = self._reference(all_layers, adapter, meta)
             reference_grid = _reference_grid(reference, all_layers)
         refine = [n for n in self._refine_layers(all_layers) if n in layers]
+        # GoCA reads the prompt's tokens only: with non-negative head weights the padding columns are summed into
+        # one per pixel, which keeps G3's normalisation over all tokens exact (HeadWeightedStore)
+        tokens = meta.get("tokens")
+        text_columns = len(tokens) if tokens and self.head_method in ("average", "dot-product") else None
         goca_meta = {
             "head_method": self.head_method, "layer_method": self.layer_method,
             "cross_layers": [i.name for i in cross], "pairs": pairs,
             "reference_layer": reference, "reference_grid": list(reference_grid) if reference_grid else None,
-            "refine_layers": refine, "map_grid": list(map_grid),
+            "refine_layers": refine, "map_grid": list(map_grid), "text_columns": text_columns,
+            "reference_map_dtype": "float16" if reference else None,
         }
         return HeadWeightedStore(
             out_weights=out_weights, head_method=self.head_method,
-            reference_layers=set(pairs.values()), reference_grid=reference_grid,
+            reference_layers=set(pairs.values()), reference_grid=reference_grid, reference_feature=reference,
+            reference_map_dtype=torch.float16, text_columns=text_columns,
             refine_layers=refine, refine_grid=map_grid if refine else None,
             meta={**meta, "goca": goca_meta}, device=adapter.device,
         )
@@ -943,7 +954,7 @@ class GoCA:
             ``scores (n_classes + 1, H, W) float32`` (channel 0 the background score), ``label_names``;
             ``meta`` has token indices, layer weights, dropped classes and the layer choices.
         """
-        from attnseg.capture.goca import cross_maps, reference_self_maps, refine_affinity
+        from attnseg.capture.goca import cross_maps, cross_rest, layer_scores_of, reference_self_maps, refine_affinity
         from attnseg.errors import TokenNotFoundError
         from attnseg.prompts import content_tokens
 
@@ -966,26 +977,35 @@ class GoCA:
             meta["warnings"].append(f"heads were weighted with {gmeta.get('head_method')!r} at capture, "
                                     f"not {self.head_method!r}")
 
-        # G2: layer weights.
+        # G2: layer weights, from the scores computed during capture, or (stores that kept the maps) from the
+        # reference feature and the reference-grid self maps.
         if self.layer_method == "auto":
             if gmeta.get("layer_method") != "auto":
                 raise ConfigError("automatic layer weights need a store captured with layer_method='auto' "
                                   "(reference feature and self maps)")
             ref = gmeta["reference_layer"]
-            feats = getattr(store, "features", {})
-            if ref not in feats:
-                raise ConfigError(f"the store has no reference feature {ref!r}; capture with GoCA.features() hooked")
-            feature = feats[ref][0]
-            if feature.ndim == 3:  # (C, h, w) module outputs
-                feature = feature.flatten(1).T
-            selfs = reference_self_maps(store)
             pairs = gmeta["pairs"]
-            missing = [n for n in names if pairs.get(n) not in selfs]
-            if missing:
-                raise ConfigError(f"the store lacks the self maps of {missing[:3]} for the layer weights")
-            rgrid = (int(gmeta["reference_grid"][0]), int(gmeta["reference_grid"][1]))
-            scores = layer_scores(feature, [selfs[pairs[n]] for n in names], reference_grid=rgrid,
-                                  grids=[rgrid] * len(names))
+            stored = layer_scores_of(store)
+            if stored:
+                missing = [n for n in names if pairs.get(n) not in stored]
+                if missing:
+                    raise ConfigError(f"the store lacks the layer scores of {missing[:3]}; capture them with GoCA")
+                scores = torch.stack([stored[pairs[n]].to(torch.float32) for n in names])
+            else:
+                feats = getattr(store, "features", {})
+                if ref not in feats:
+                    raise ConfigError(f"the store has no reference feature {ref!r}; capture with GoCA.features() "
+                                      "hooked")
+                feature = feats[ref][0]
+                if feature.ndim == 3:  # (C, h, w) module outputs
+                    feature = feature.flatten(1).T
+                selfs = reference_self_maps(store)
+                missing = [n for n in names if pairs.get(n) not in selfs]
+                if missing:
+                    raise ConfigError(f"the store lacks the self maps of {missing[:3]} for the layer weights")
+                rgrid = (int(gmeta["reference_grid"][0]), int(gmeta["reference_grid"][1]))
+                scores = layer_scores(feature, [selfs[pairs[n]] for n in names], reference_grid=rgrid,
+                                      grids=[rgrid] * len(names))
             weights = _normalise_scores(scores)
             if self.layer_balance:
                 weights = balance_by_resolution(weights, [max(g) for g in grids])
@@ -995,8 +1015,15 @@ class GoCA:
             weights = torch.full((len(names),), 1.0 / len(names))
         meta["layer_weights"] = {n: float(w) for n, w in zip(names, weights, strict=True)}
 
-        # G3: aggregate.
-        agg = aggregate_cross_attention([maps[n] for n in names], grids, weights, map_grid)  # (HW, T)
+        # G3: aggregate. With the prompt's columns kept only, the other columns' per-pixel sum joins as one last
+        # column: the normalisation over all tokens sees it, then it is dropped.
+        rest = cross_rest(store)
+        if rest and any(n not in rest for n in names):
+            raise ConfigError("the store holds the other text columns' sums of some cross layers only; capture again")
+        columns = [torch.cat([maps[n], rest[n]], dim=1) if rest else maps[n] for n in names]
+        agg = aggregate_cross_attention(columns, grids, weights, map_grid)  # (HW, T) or (HW, L + 1)
+        if rest:
+            agg = agg[:, :-1]
 
         # Tokens: classes and background objects; R = content tokens.
         tokens: dict[str, tuple[int, ...]] = {}
@@ -1009,6 +1036,10 @@ class GoCA:
         if not any(c in tokens for c in self.classes):
             raise ConfigError(f"none of the classes is in the prompt's tokens {prompt.text!r}")
         t_count = agg.shape[1]
+        beyond = [n for n, idx in tokens.items() if max(idx) >= t_count]
+        if beyond:
+            raise ConfigError(f"the store keeps the first {t_count} text tokens only, and {beyond} lie beyond them; "
+                              "segment with the prompt the store was captured with")
         content = sorted({i for idx in tokens.values() for i in idx} | {i for i in content_tokens(prompt)})
         content = [i for i in content if i < t_count]
         meta["token_indices"] = {k: list(v) for k, v in tokens.items()}
