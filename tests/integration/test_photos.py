@@ -47,11 +47,12 @@ def test_panorama_masks_cover_all_of_it(tmp_path):
     info = json.loads((out / "panorama.json").read_text())
     assert info["size"] == [300, 2000]
     assert sum(s["area"] for s in info["segments"]) == 300 * 2000  # every pixel in exactly one segment
-    # the toy family's GoCA input size (its preset, which the command applies; 64 x 64 today): pad scale
-    # 64/2000 -> 64 x round(9.6) = 10 rows, top (64 - 10) // 2 = 27
-    from attnseg.models.toy import ToyAdapter
+    # the toy family's GoCA input size (its preset, which the command applies; the native 32 x 32 today): pad
+    # scale 32/2000 -> 32 x round(4.8) = 5 rows, top (32 - 5) // 2 = 13
+    from attnseg.models.loading import load_model
+    from attnseg.pipeline import AttentionSegmentationPipeline
 
-    side = ToyAdapter.recommended["goca"]["run"]["size"][0]
+    side = AttentionSegmentationPipeline(load_model("toyworld"), "goca", classes="circle, square").input_size()[0]
     rows = round(300 * side / 2000)
     top = (side - rows) // 2
     assert info["geometry"] == {"fit": "pad", "original_size": [300, 2000], "model_size": [side, side],

@@ -519,7 +519,8 @@ def test_a_pixel_space_flux_subclass_reuses_capture_and_description(rgb_image):
 
 def test_the_pipeline_resolves_family_settings_through_the_adapter(tiny_dits):
     """Variants and depth-mapped layer names reach the method through ``resolve_settings`` (one mechanism); the
-    user's keywords win; the paper preset leaves the family out."""
+    user's keywords win; GoCA's paper preset is its reference's per-model configuration, which the family table
+    holds, with the options the reference does not have switched off."""
     from attnseg.pipeline import AttentionSegmentationPipeline
 
     flux = tiny_dits["flux"]
@@ -536,8 +537,9 @@ def test_the_pipeline_resolves_family_settings_through_the_adapter(tiny_dits):
                                          cross_layers=["transformer_blocks.1.attn:cross"])
     assert mine.method.timestep == 50 and list(mine.method.cross_layers) == ["transformer_blocks.1.attn:cross"]
     paper = AttentionSegmentationPipeline(flux, "goca", classes="cat, grass", variant="vanilla", preset="paper")
-    assert paper.method.cross_layers is None and paper.method.timestep == 100  # GoCA's reference pass
-    assert paper.options().timestep == 100 and vanilla.options().timestep == 407
+    assert list(paper.method.cross_layers) == hand and paper.method.timestep == 407  # the reference's Flux config
+    assert paper.method.rescale_floor == 0 and paper.method.layer_balance is False
+    assert paper.settings.sources["rescale_floor"] == "paper" and paper.options().timestep == 407
 
 
 def test_describe_model_agrees_with_the_loaded_transformers(tiny_dit_dirs):
