@@ -23,6 +23,7 @@ Protocol (stated in the results file too):
   settings (`--paper-defaults`); "tuned" the best setting of a small grid on val.
 
     python benchmarks/toyworld.py [--models toyworld,toyworld-flux] [--n-val 100] [--n-test 200] [--threads 1]
+    python benchmarks/toyworld.py --merge a.json b.json --out results/toyworld.json   # runs of one model each
 """
 
 from __future__ import annotations
@@ -518,6 +519,26 @@ def claims(model: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def merge(paths: list[Path], out: Path) -> None:
+    """One results file from runs of the same protocol on different models (e.g. one process per model)."""
+    records = [json.loads(p.read_text()) for p in paths]
+    first = records[0]
+    for path, rec in zip(paths[1:], records[1:], strict=True):
+        for key in ("protocol", "world", "splits", "baselines", "threads"):
+            if rec[key] != first[key]:
+                raise SystemExit(f"{path}: {key} differs from {paths[0]}'s: these runs cannot be merged")
+        overlap = set(rec["models"]) & set(first["models"])
+        if overlap:
+            raise SystemExit(f"{path}: models {sorted(overlap)} appear in more than one file")
+    merged = dict(first)
+    merged["models"] = {name: entry for rec in records for name, entry in rec["models"].items()}
+    merged["seconds"] = {str(p.name): rec.get("seconds") for p, rec in zip(paths, records, strict=True)}
+    merged["merged_from"] = [p.name for p in paths]
+    out.write_text(json.dumps(merged, indent=1) + "\n")
+    print_table(merged)
+    print(f"written to {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="toyworld,toyworld-flux")
@@ -528,7 +549,12 @@ def main() -> None:
     parser.add_argument("--boot", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS / "toyworld.json")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                        help="combine results of runs over disjoint --models (same scenes and world) into --out")
     args = parser.parse_args()
+    if args.merge:
+        merge(args.merge, args.out)
+        return
     torch.set_num_threads(args.threads)
     sizes = [int(v) for v in args.sizes.split(",")]
     methods = args.methods.split(",")
