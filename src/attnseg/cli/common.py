@@ -49,10 +49,10 @@ __all__ = [
 #: what --model takes, for messages
 MODEL_CHOICES = (
     "a Hugging Face Hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5), a local diffusers folder, or "
-    "'toyworld' (the bundled toy model, which only knows coloured shapes on plain backgrounds)"
+    "'toyworld' / 'toyworld-flux' (the bundled toy models, which only know textured shapes on textured backgrounds)"
 )
-TOY_NOTE = ("a toy model: it only knows the toy world (coloured circles, squares and triangles); for photographs "
-            "use a Stable Diffusion model")
+TOY_NOTE = ("a toy model: it only knows the toy world (textured circles, squares, triangles and crosses); for "
+            "photographs use a Stable Diffusion model")
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
