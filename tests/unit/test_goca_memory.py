@@ -193,11 +193,16 @@ def test_scores_text_columns_and_labels_equal_the_old_behaviour(adapters, rgb_im
         for method in (run.method, plain_g3):
             old = method.segment(_well_conditioned(loaded), prompt=run.prompt, out_size=size)
             new = method.segment(_well_conditioned(store), prompt=run.prompt, out_size=size)
-            assert new.meta["layer_weights"].keys() == old.meta["layer_weights"].keys()
-            for name, w in old.meta["layer_weights"].items():
-                assert new.meta["layer_weights"][name] == pytest.approx(w, rel=1e-4), name
-            torch.testing.assert_close(new.scores, old.scores, rtol=0, atol=1e-4)
-            assert torch.equal(new.labels, old.labels)
+            _assert_same_segmentation(new, old, rel=1e-4, atol=1e-4)
+
+
+def _assert_same_segmentation(new, old, *, rel: float, atol: float) -> None:
+    """Same layer weights (to ``rel``), scores (to ``atol``) and labels (exactly)."""
+    assert new.meta["layer_weights"].keys() == old.meta["layer_weights"].keys()
+    for name, w in old.meta["layer_weights"].items():
+        assert new.meta["layer_weights"][name] == pytest.approx(w, rel=rel), name
+    torch.testing.assert_close(new.scores, old.scores, rtol=0, atol=atol)
+    assert torch.equal(new.labels, old.labels)
 
 
 @pytest.mark.parametrize("family", ["sd", "flux"])
@@ -211,10 +216,7 @@ def test_float32_held_maps_equal_the_old_behaviour_to_rounding(adapters, rgb_ima
     loaded = AttentionStore.load(run.old_format_store().save(tmp_path / "old.safetensors"))
     old = run.method.segment(_well_conditioned(loaded), prompt=run.prompt)
     new = run.method.segment(_well_conditioned(run.store), prompt=run.prompt)
-    for name, w in old.meta["layer_weights"].items():
-        assert new.meta["layer_weights"][name] == pytest.approx(w, rel=1e-6), name
-    torch.testing.assert_close(new.scores, old.scores, rtol=0, atol=2e-6)
-    assert torch.equal(new.labels, old.labels)
+    _assert_same_segmentation(new, old, rel=1e-6, atol=2e-6)
 
 
 @pytest.mark.parametrize("head_method", ["dot-product w/o clamp", "dot-product"])
