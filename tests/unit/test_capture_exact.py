@@ -268,12 +268,15 @@ class WholeHeads:
 
     def __init__(self) -> None:
         self.blocks: list[tuple[slice, torch.Tensor, torch.Tensor | None]] = []
+        self.layers: list[object] = []
+        self.ended: list[object] = []
 
     def add_chunk(self, layer, probs, heads, out=None):
+        self.layers.append(layer)
         self.blocks.append((heads, probs.clone(), None if out is None else out.clone()))
 
     def end_call(self, layer):
-        pass
+        self.ended.append(layer)
 
 
 @pytest.mark.parametrize("want_outputs", [True, False])
@@ -281,8 +284,10 @@ def test_sinks_without_query_blocks_get_whole_heads_with_their_outputs(want_outp
     attn = module("cross")
     hidden, context = inputs("cross")
     sink = WholeHeads()
-    run(attn, CaptureProcessor(AttnProcessor2_0(), info("cross"), sink, chunk_bytes=1, want_outputs=want_outputs),
+    layer = info("cross")
+    run(attn, CaptureProcessor(AttnProcessor2_0(), layer, sink, chunk_bytes=1, want_outputs=want_outputs),
         hidden, context)
+    assert sink.layers == [layer] * 3 and sink.ended == [layer]  # every block and the end name the layer
     expected = lit.attention_literal(hidden, context, attn.to_q.weight, attn.to_k.weight, HEADS)
     v = (context.double() @ attn.to_v.weight.double().T).view(2, CONTEXT, HEADS, DIM).transpose(1, 2)
     assert [(h.start, h.stop) for h, _, _ in sink.blocks] == [(0, 1), (1, 2), (2, 3)]

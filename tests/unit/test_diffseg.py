@@ -381,6 +381,9 @@ def test_refine_kmeans_deterministic_and_normalised() -> None:
     assert 1 <= a.shape[0] <= proposals.shape[0]
     assert a.shape[1:] == (8, 8)
     torch.testing.assert_close(a.sum(dim=(1, 2)), torch.ones(a.shape[0]))
+    for bad in (0, 2.5, True, "300"):  # refused before K-means runs, whatever scikit-learn would do with them
+        with pytest.raises(ConfigError, match="max_iter must be a positive int"):
+            refine_kmeans(attn, proposals, max_iter=bad)  # type: ignore[arg-type]
 
 
 def test_refine_kmeans_handles_missing_labels() -> None:
@@ -429,6 +432,16 @@ def test_assign_labels_matches_literal_up_to_renumbering() -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 # Step 10: semantic labels
 # ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_label_segments_normalise_each_word_on_its_own() -> None:
+    """A word with a large map everywhere must not win a segment where a small word dominates relatively:
+    A/|A| = (0.70, 0.70, 0.07, 0.07) and B/|B| = (0, 0, 0.71, 0.71), so the right segment is B's (a norm over
+    both words together would give it to A, 1 > 0.5), in both modes."""
+    labels = torch.tensor([[0, 0, 1, 1]])
+    maps = {"a": torch.tensor([[10.0, 10.0, 1.0, 1.0]]), "b": torch.tensor([[0.0, 0.0, 0.5, 0.5]])}
+    for mode in ("mean", "majority"):
+        assert label_segments(labels, maps, mode=mode).words == {0: "a", 1: "b"}, mode
 
 
 def test_label_segments_mean_vs_majority() -> None:

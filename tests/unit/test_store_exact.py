@@ -426,3 +426,35 @@ def test_a_batch_item_can_be_saved_with_its_features(tmp_path):
     check(back.get("l.attn1"), store.get("l.attn1", batch_index=1).double(), torch.float32)
     torch.testing.assert_close(back.features["f"], torch.full((1, 3, 4), 0.5))
     assert back._feature_counts == {"f": 2}
+
+
+def test_by_resolution_renormalises_only_the_parts_of_joint_layers():
+    """Rows of a joint layer's part are slices of a larger softmax: their layer mean is divided by its row sums
+    (over the keys of the part); a plain layer's rows are returned as stored, even when they do not sum to 1."""
+    import dataclasses
+
+    joint = dataclasses.replace(layer("j.attn", kind="cross", heads=2), rows_sum_to_one=False)  # 2 x 3 grid
+    plain = layer("p.attn2", kind="cross", heads=2, grid=(4, 4))
+    g = torch.Generator().manual_seed(7)
+    part = torch.rand(1, 2, 6, 5, generator=g) * torch.linspace(0.1, 0.9, 6).view(1, 1, 6, 1)  # rows sum to < 1
+    scaled = probs(1, 2, 16, 5, 8) * 0.5
+    store = AttentionStore()
+    feed(store, joint, part)
+    feed(store, plain, scaled)
+    maps = store.cross_attention()
+    mean = part[0].double().mean(0)
+    check(maps[3], mean / mean.sum(-1, keepdim=True), torch.float32)
+    check(maps[4], scaled[0].double().mean(0), torch.float32)  # not renormalised: rows sum to 0.5
+    batched = store.by_resolution("cross", batch_index=None)  # (B, Q, K): the sums run over the last axis
+    check(batched[3][0], mean / mean.sum(-1, keepdim=True), torch.float32)
+
+
+def test_an_accumulator_that_does_not_fit_is_refused_naming_its_entry(monkeypatch):
+    """The check before allocating names what needs the memory (the entry's key) and the memory on the device."""
+    from attnseg.errors import AttnSegError
+    from attnseg.methods import ops
+
+    monkeypatch.setattr(ops, "available_memory_bytes", lambda device=None: 100)  # 100 bytes free
+    store = AttentionStore()
+    with pytest.raises(AttnSegError, match=r"^the attention maps of l.attn1 needs about .* GiB available on the host"):
+        feed(store, layer(grid=(3, 3)), probs(1, 4, 9, 9, 0))
