@@ -620,3 +620,27 @@ def test_goca_spreads_classes_over_prompts_on_a_model_that_refuses_long_prompts(
     out = pipe.run(rgb_image, seed=0)
     assert out.result.meta["prompts"] == len(parts) and len(out.stores) == len(parts)
     assert out.result.label_names == ("background", *classes)
+
+
+def test_block_names_map_to_the_model_depth_and_other_values_stay():
+    """Names move to the same relative depth (floor(i * n / ref)); a list of names loses the duplicates this
+    makes; numbers, sizes and weights are kept item for item (a size (64, 64) stays two numbers)."""
+    from attnseg.models.dit import scale_block_names
+
+    depth, ref = {"transformer_blocks": 2, "single_transformer_blocks": 3}, {"transformer_blocks": 19,
+                                                                           "single_transformer_blocks": 38}
+    settings = {
+        "reference_layer": "single_transformer_blocks.8.attn",
+        "refine_layers": ["transformer_blocks.12.attn:self", "transformer_blocks.18.attn:self",
+                          "transformer_blocks.2.attn:self"],
+        "run": {"size": (64, 64), "timestep": 407},
+        "cross_weights": (0.3, 0.5, 0.1, 0.1),
+        "other": "down_blocks.3.attn",
+    }
+    assert scale_block_names(settings, depth, ref) == {
+        "reference_layer": "single_transformer_blocks.0.attn",  # 8 * 3 // 38 = 0
+        "refine_layers": ["transformer_blocks.1.attn:self", "transformer_blocks.0.attn:self"],  # 12*2//19=1, 18->1
+        "run": {"size": (64, 64), "timestep": 407},
+        "cross_weights": (0.3, 0.5, 0.1, 0.1),
+        "other": "down_blocks.3.attn",
+    }

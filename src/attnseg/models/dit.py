@@ -31,7 +31,8 @@ def scale_block_names(value: Any, depth: dict[str, int], reference: dict[str, in
     """Map block indices in layer names from a reference depth to a model's depth (same relative depth).
 
     ``transformer_blocks.13`` of a 28-block reference is ``transformer_blocks.13`` on 28 blocks and
-    ``transformer_blocks.0`` on 2 (``floor(13 * 2 / 28)``). Lists keep their order and lose duplicates. Names of
+    ``transformer_blocks.0`` on 2 (``floor(13 * 2 / 28)``). Lists of names keep their order and lose duplicates
+    (other lists, e.g. a size ``(64, 64)``, keep every item). Names of
     other containers, and non-string values, are returned unchanged.
 
     Args:
@@ -56,9 +57,10 @@ def scale_block_names(value: Any, depth: dict[str, int], reference: dict[str, in
         return {k: scale_block_names(v, depth, reference) for k, v in value.items()}
     if isinstance(value, list | tuple):
         out: list[Any] = []
+        names = all(isinstance(v, str) for v in value)  # only lists of names lose duplicates, not (64, 64)
         for v in value:
             mapped = scale_block_names(v, depth, reference)
-            if mapped not in out:
+            if not names or mapped not in out:
                 out.append(mapped)
         return type(value)(out) if isinstance(value, tuple) else out
     return value
