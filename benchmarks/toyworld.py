@@ -406,15 +406,8 @@ def clustering_rows(ctx: Context, val: list[Scene], test: list[Scene], sizes: li
 def baseline_rows(world: WorldConfig, val: list[Scene], test: list[Scene]) -> dict[str, Any]:
     """Model-free baselines; each one's parameter is chosen on val under each rule separately (favouring it)."""
     c = len(world.classes)
-    agnostic: dict[str, Callable[[Scene], np.ndarray]] = {"one segment": lambda sc: B.one_segment(sc.image)}
-    for k in (2, 3, 4, 5):
-        agnostic[f"k-means RGB k={k}"] = lambda sc, k=k: B.kmeans_rgb(sc.image, k)
-    agnostic["k-means RGB k=classes present"] = lambda sc: B.kmeans_rgb(sc.image, len(np.unique(sc.semantic)))
-    for n, comp in itertools.product((4, 8, 16), (3, 10, 30)):
-        agnostic[f"SLIC n={n} c={comp}"] = lambda sc, n=n, comp=comp: B.slic_segments(sc.image, n, compactness=comp)
-    for scale, size in itertools.product((30, 100, 300, 1000), (10, 30, 60)):
-        agnostic[f"Felzenszwalb s={scale} m={size}"] = (
-            lambda sc, scale=scale, size=size: B.felzenszwalb_segments(sc.image, scale, min_size=size))
+    agnostic: dict[str, Callable[[Scene], np.ndarray]] = {
+        name: (lambda sc, fn=fn: fn(sc.image, sc.semantic)) for name, fn in B.agnostic_baselines().items()}
 
     def score(fn: Callable[[Scene], np.ndarray], scenes: list[Scene], kind: str = "labels") -> Scores:
         s = Scores(kind, c)

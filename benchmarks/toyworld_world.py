@@ -17,7 +17,6 @@ Targets (issue): no baseline above mIoU 0.45, pooled masks at most 0.6 best-matc
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import time
 from pathlib import Path
@@ -62,15 +61,7 @@ def main() -> None:
     c = len(world.classes)
     scenes = [generate_scene(scene_seed("val", i), world) for i in range(args.n)]
 
-    fns = {"one segment": lambda sc: B.one_segment(sc.image)}
-    for k in (2, 3, 4, 5):
-        fns[f"k-means RGB k={k}"] = lambda sc, k=k: B.kmeans_rgb(sc.image, k)
-    fns["k-means RGB k=classes present"] = lambda sc: B.kmeans_rgb(sc.image, len(np.unique(sc.semantic)))
-    for n, comp in itertools.product((4, 8, 16), (3, 10, 30)):
-        fns[f"SLIC n={n} c={comp}"] = lambda sc, n=n, comp=comp: B.slic_segments(sc.image, n, compactness=comp)
-    for scale, size in itertools.product((30, 100, 300, 1000), (10, 30, 60)):
-        fns[f"Felzenszwalb s={scale} m={size}"] = (
-            lambda sc, scale=scale, size=size: B.felzenszwalb_segments(sc.image, scale, min_size=size))
+    fns = {name: (lambda sc, fn=fn: fn(sc.image, sc.semantic)) for name, fn in B.agnostic_baselines().items()}
     fns["caption colour threshold"] = lambda sc: B.caption_colour_threshold(
         sc.image, [(o.colour, o.class_id) for o in sc.objects], world.colours, background_colour=sc.background_colour)
 

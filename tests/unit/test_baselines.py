@@ -55,3 +55,14 @@ def test_superpixels_return_label_maps() -> None:
         assert labels.shape == img.shape[:2] and labels.dtype == np.int64 and labels.min() == 0
         # The red block is never split from itself across a flat region's interior.
         assert len(np.unique(labels[2:10, 2:10])) == 1
+
+
+def test_agnostic_baselines_are_the_named_functions_with_their_parameters():
+    from attnseg.toyworld.world import generate_scene, scene_seed
+
+    fns = B.agnostic_baselines()
+    assert len(fns) == 1 + 5 + 9 + 12 and "Felzenszwalb s=300 m=10" in fns and "SLIC n=16 c=10" in fns
+    sc = generate_scene(scene_seed("val", 0))
+    assert np.array_equal(fns["SLIC n=8 c=30"](sc.image, sc.semantic), B.slic_segments(sc.image, 8, compactness=30))
+    present = len(np.unique(sc.semantic))
+    assert np.array_equal(fns["k-means RGB k=classes present"](sc.image, sc.semantic), B.kmeans_rgb(sc.image, present))

@@ -17,7 +17,23 @@ if TYPE_CHECKING:
 
     from attnseg.types import LayerInfo, Prompt
 
-__all__ = ["ADAPTERS", "DiffusionAdapter"]
+__all__ = ["ADAPTERS", "DiffusionAdapter", "vae_latents"]
+
+
+def vae_latents(
+    vae: Any, pixels: Any, *, dtype: Any, device: Any = None, sample: bool = False, generator: Any = None
+) -> Any:
+    """``(B, 3, H, W)`` pixels in [-1, 1] -> ``(latents - shift_factor) * scaling_factor`` in ``dtype``: the
+    encoding every latent-space adapter (UNet or transformer) shares. ``device`` moves the pixels first."""
+    from attnseg.errors import ImageError
+
+    if pixels.ndim != 4 or pixels.shape[1] != 3:
+        raise ImageError(f"pixels must be (B, 3, H, W), got {tuple(pixels.shape)}")
+    vae_dtype = next(vae.parameters()).dtype
+    dist = vae.encode(pixels.to(device, vae_dtype) if device is not None else pixels.to(vae_dtype)).latent_dist
+    latents = dist.sample(generator) if sample else dist.mean
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return ((latents - shift) * vae.config.scaling_factor).to(dtype)
 
 
 class DiffusionAdapter(ABC):

@@ -250,13 +250,9 @@ class TransformerAdapter(DiffusionAdapter):
         self, pixels: torch.Tensor, *, sample: bool = False, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """``(B, 3, H, W)`` in [-1, 1] -> ``(latents - shift_factor) * scaling_factor``, ``(B, C, H/8, W/8)``."""
-        if pixels.ndim != 4 or pixels.shape[1] != 3:
-            raise ImageError(f"pixels must be (B, 3, H, W), got {tuple(pixels.shape)}")
-        vae_dtype = next(self.vae.parameters()).dtype
-        dist = self.vae.encode(pixels.to(self.device, vae_dtype)).latent_dist
-        latents = dist.sample(generator) if sample else dist.mean
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        return ((latents - shift) * self.vae.config.scaling_factor).to(self.dtype)
+        from attnseg.models.base import vae_latents
+
+        return vae_latents(self.vae, pixels, dtype=self.dtype, device=self.device, sample=sample, generator=generator)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

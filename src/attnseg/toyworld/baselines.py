@@ -17,12 +17,14 @@ Arrays: ``image (H, W, 3) uint8`` RGB; label maps ``(H, W) int64``; mask sets ``
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import itertools
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 from numpy.typing import NDArray
 
 __all__ = [
+    "agnostic_baselines",
     "caption_colour_threshold",
     "colour_mask",
     "felzenszwalb_segments",
@@ -119,3 +121,22 @@ def caption_colour_threshold(
 def colour_mask(image: NDArray[np.uint8], colour: str, palette: Mapping[str, Sequence[int]]) -> NDArray[np.bool_]:
     """The pixels whose nearest palette colour is ``colour``."""
     return nearest_colour(image, palette) == list(palette).index(colour)
+
+
+def agnostic_baselines() -> dict[str, Callable[[NDArray[np.uint8], NDArray[np.integer]], NDArray[np.int64]]]:
+    """The class-agnostic baselines of the toy-world benchmarks, by name: one segment; RGB k-means at k = 2-5 and
+    at k = the number of classes present (an oracle k, from the ground truth); SLIC and Felzenszwalb over a grid
+    of parameters. Each takes ``(image, semantic)`` (only the oracle k reads ``semantic``)."""
+    fns: dict[str, Callable[[NDArray[np.uint8], NDArray[np.integer]], NDArray[np.int64]]] = {
+        "one segment": lambda image, semantic: one_segment(image)
+    }
+    for k in (2, 3, 4, 5):
+        fns[f"k-means RGB k={k}"] = lambda image, semantic, k=k: kmeans_rgb(image, k)
+    fns["k-means RGB k=classes present"] = lambda image, semantic: kmeans_rgb(image, len(np.unique(semantic)))
+    for n, comp in itertools.product((4, 8, 16), (3, 10, 30)):
+        fns[f"SLIC n={n} c={comp}"] = lambda image, semantic, n=n, comp=comp: slic_segments(
+            image, n, compactness=comp)
+    for scale, size in itertools.product((30, 100, 300, 1000), (10, 30, 60)):
+        fns[f"Felzenszwalb s={scale} m={size}"] = lambda image, semantic, scale=scale, size=size: (
+            felzenszwalb_segments(image, scale, min_size=size))
+    return fns
