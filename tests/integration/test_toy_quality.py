@@ -118,9 +118,9 @@ def test_hooked_output_equals_plain() -> None:
 
 
 # Measured on these 10 scenes (trained / random weights): UNet DiffSeg 0.563 / 0.204, GoCA 0.500 / 0.125, target
-# 0.428 / 0.185, clustering 0.673 / 0.593; Flux DiffSeg 0.465 / 0.156, clustering 0.594 / 0.546.
+# 0.473 / 0.184, clustering 0.673 / 0.593; Flux DiffSeg 0.465 / 0.156, clustering 0.594 / 0.546.
 FLOORS: dict[str, dict[str, tuple[float, float]]] = {  # method -> (floor, margin over random weights)
-    "toyworld": {"diffseg": (0.48, 0.25), "goca": (0.42, 0.25), "target": (0.35, 0.15), "clustering": (0.6, 0.04)},
+    "toyworld": {"diffseg": (0.48, 0.25), "goca": (0.42, 0.25), "target": (0.4, 0.2), "clustering": (0.6, 0.04)},
     "toyworld-flux": {"diffseg": (0.4, 0.2), "clustering": (0.54, 0.02)},
 }
 CASES = [(name, method) for name, floors in FLOORS.items() for method in floors]
@@ -146,7 +146,7 @@ def test_flux_toy_cross_attention_methods_beat_random_weights(measured, method) 
 @pytest.mark.parametrize("measured", ["toyworld"], indirect=True)
 def test_unet_defaults_beat_model_free_baselines_on_the_same_scenes(measured, baselines) -> None:
     """DiffSeg against RGB k-means with k = the number of classes present (an oracle k), same Hungarian rule;
-    the target method against marking the whole image (0.563 vs 0.487 and 0.428 vs 0.195 measured)."""
+    the target method against marking the whole image (0.563 vs 0.487 and 0.473 vs 0.195 measured)."""
     _, good, _ = measured  # the Flux toy's DiffSeg is below this k-means here (0.465 vs 0.487): not asserted
     assert good.diffseg >= baselines.diffseg + 0.04, (good, baselines)
     assert good.target >= baselines.target + 0.15, (good, baselines)
