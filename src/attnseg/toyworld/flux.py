@@ -51,6 +51,13 @@ class ToyFluxConfig:
         transformer: keyword arguments of ``FluxTransformer2DModel``.
         text_encoder: keyword arguments of ``T5Config``.
         scheduler: keyword arguments of ``FlowMatchEulerDiscreteScheduler``.
+        words_only: how the caption conditions the transformer. False: as Flux, every T5 state (words, ``</s>``,
+            padding) enters the joint attention and their mean is the pooled projection. True: the states of
+            ``</s>`` and the padding are replaced by zeros and the pooled projection is zero, so the caption
+            reaches an image token only by attending to its words (in a bidirectional encoder every state
+            summarises the whole caption, and the pooled vector hands it to every token through the modulation;
+            either lets the model read the caption without binding words to places). Configs written without
+            the field read False.
     """
 
     world: WorldConfig
@@ -58,6 +65,7 @@ class ToyFluxConfig:
     transformer: dict[str, Any]
     text_encoder: dict[str, Any]
     scheduler: dict[str, Any] = field(default_factory=dict)
+    words_only: bool = False
 
     arch = "flux"
 
@@ -76,6 +84,7 @@ class ToyFluxConfig:
             "transformer": _jsonable(self.transformer),
             "text_encoder": _jsonable(self.text_encoder),
             "scheduler": _jsonable(self.scheduler),
+            "words_only": self.words_only,
         }
 
     @classmethod
@@ -93,6 +102,7 @@ class ToyFluxConfig:
             transformer=transformer,
             text_encoder=dict(d["text_encoder"]),
             scheduler=dict(d["scheduler"]),
+            words_only=bool(d.get("words_only", False)),
         )
 
 
@@ -104,9 +114,10 @@ def default_toy_flux_config(
     double_layers: int = 3,
     single_layers: int = 3,
     text_width: int = 64,
-    text_layers: int = 1,
+    text_layers: int = 2,
     max_length: int | None = None,
     world: WorldConfig | None = None,
+    words_only: bool = True,
 ) -> ToyFluxConfig:
     """The shipped architecture, with the knobs that matter exposed.
 
@@ -118,6 +129,7 @@ def default_toy_flux_config(
         text_width, text_layers: the T5 encoder's width and depth (4 heads, gated-GELU MLP 2x wide).
         max_length: text length ``T``; default = the longest caption the world can produce + 1 (``</s>``).
         world: the toy world; default ``WorldConfig(image_size=image_size)``.
+        words_only: see :class:`ToyFluxConfig`.
     """
     from attnseg.toyworld.model import _longest_caption
 
@@ -169,7 +181,7 @@ def default_toy_flux_config(
     }
     scheduler = {"num_train_timesteps": 1000, "shift": 1.0}
     return ToyFluxConfig(world=world, tokenizer=tokenizer.to_dict(), transformer=transformer, text_encoder=text,
-                         scheduler=scheduler)
+                         scheduler=scheduler, words_only=words_only)
 
 
 def pack(pixels: torch.Tensor) -> torch.Tensor:
@@ -224,8 +236,15 @@ class ToyFluxModel:
 
     def condition(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, T)`` token ids -> T5 states ``(B, T, C)`` (no mask, as Flux) and pooled ``(B, C)``: the mean
-        state over the non-padding tokens (the caption's words and ``</s>``)."""
+        state over the non-padding tokens (the caption's words and ``</s>``). With ``config.words_only`` the
+        states after the words are zeros and the pooled vector is zero (see :class:`ToyFluxConfig`)."""
+        import torch
+
         states = self.text_encoder(input_ids=ids).last_hidden_state
+        if self.config.words_only:
+            words = ((ids != self.tokenizer.pad_id) & (ids != self.tokenizer.eos_id)).to(states.dtype)[..., None]
+            states = states * words
+            return states, torch.zeros_like(states[:, 0])
         keep = (ids != self.tokenizer.pad_id).to(states.dtype)[..., None]
         pooled = (states * keep).sum(1) / keep.sum(1).clamp_min(1)
         return states, pooled
