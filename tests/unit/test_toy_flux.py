@@ -56,8 +56,14 @@ def test_flow_loss_matches_a_literal_computation_and_round_trips(tmp_path) -> No
     states, pooled = model.condition(ids)
     pred = model.predict((1 - s) * pixels + s * draws["noise"], draws["sigma"], states, pooled)
     torch.testing.assert_close(loss, ((pred - (draws["noise"] - pixels)) ** 2).mean())
-    # The pooled projection is the mean over non-padding tokens.
-    n = model.tokenizer("a red circle").length
+    # Words-only conditioning (the default for new models): a zero pooled projection
+    assert torch.count_nonzero(pooled) == 0
+    # Flux's conditioning: the pooled projection is the mean over non-padding tokens.
+    from dataclasses import replace
+
+    flux_like = build_toy_flux_model(replace(_tiny(), words_only=False, causal_text=False), seed=0)
+    states, pooled = flux_like.condition(ids)
+    n = flux_like.tokenizer("a red circle").length
     torch.testing.assert_close(pooled[0], states[0, :n].mean(0))
 
     save_toy_model(model, tmp_path / "m", {"steps": 0}, dtype="float32")
@@ -82,3 +88,53 @@ def test_training_resumes_to_identical_weights(tmp_path) -> None:
               progress=stop_after_two)
     resumed = train(tmp_path / "part", steps=3, batch_size=2, config=config, image_size=8, checkpoint_every=1)
     assert resumed.meta["sha256"] == full.meta["sha256"]
+
+
+def _conditioning_model(**flags):
+    config = _tiny()
+    from dataclasses import replace
+
+    return build_toy_flux_model(replace(config, **flags), seed=0)
+
+
+def test_causal_text_word_states_ignore_later_words() -> None:
+    """With a causal encoder a word's state depends on the words before it only; bidirectional T5 mixes in the
+    words after it (the control that shows the test can fail)."""
+    causal, bidirectional = _conditioning_model(causal_text=True), _conditioning_model(causal_text=False)
+    a, b = "a red circle and a blue square", "a red circle and a green triangle"
+    n = 3  # "a red circle"
+    for model, same in ((causal, True), (bidirectional, False)):
+        sa, _ = model.encode_text([a])
+        sb, _ = model.encode_text([b])
+        assert torch.equal(sa[0, :n], sb[0, :n]) is same
+
+
+def test_words_only_zeroes_what_follows_the_words_and_the_pooled_vector() -> None:
+    model = _conditioning_model(words_only=True, causal_text=True)
+    ids = torch.tensor(model.tokenizer.batch(["a red circle", "a blue square on a green background"]))
+    states, pooled = model.condition(ids)
+    after = (ids == model.tokenizer.eos_id) | (ids == model.tokenizer.pad_id)
+    assert after.any() and (~after).any()
+    assert torch.count_nonzero(states[after]) == 0
+    assert torch.count_nonzero(states[~after].abs().sum(-1)) == int((~after).sum())
+    assert torch.count_nonzero(pooled) == 0
+    plain = _conditioning_model(words_only=False, causal_text=True)
+    states, pooled = plain.condition(ids)
+    assert torch.count_nonzero(states[after].abs().sum(-1)) == int(after.sum())
+    assert torch.count_nonzero(pooled.abs().sum(-1)) == 2
+
+
+def test_configs_without_the_text_flags_read_as_flux(tmp_path) -> None:
+    """A config written before the text flags existed loads as Flux's conditioning (bidirectional, all states);
+    a saved model keeps its flags."""
+    from attnseg.toyworld.flux import ToyFluxConfig
+
+    d = _tiny().to_dict()
+    assert d["words_only"] is True and d["causal_text"] is True  # the defaults for new models
+    old = {k: v for k, v in d.items() if k not in ("words_only", "causal_text")}
+    config = ToyFluxConfig.from_dict(old)
+    assert config.words_only is False and config.causal_text is False
+    model = build_toy_flux_model(config, seed=0)
+    save_toy_model(model, tmp_path / "m")
+    loaded = load_toy_model(tmp_path / "m", arch="flux")
+    assert loaded.config == config
