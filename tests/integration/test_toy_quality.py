@@ -118,10 +118,12 @@ def test_hooked_output_equals_plain() -> None:
 
 
 # Measured on these 10 scenes (trained / random weights): UNet DiffSeg 0.563 / 0.204, GoCA 0.500 / 0.125, target
-# 0.473 / 0.184, clustering 0.673 / 0.593; Flux DiffSeg 0.465 / 0.156, clustering 0.594 / 0.546.
+# 0.473 / 0.184, clustering 0.673 / 0.593; Flux DiffSeg 0.433 / 0.151, GoCA 0.228 / 0.150, target 0.217 / 0.149,
+# clustering 0.614 / 0.553. A Flux toy whose words do not follow the shapes (a bidirectional text encoder, as
+# first trained) gave GoCA 0.12 and the target method 0.11 on 200 test scenes: these floors fail it.
 FLOORS: dict[str, dict[str, tuple[float, float]]] = {  # method -> (floor, margin over random weights)
     "toyworld": {"diffseg": (0.48, 0.25), "goca": (0.42, 0.25), "target": (0.4, 0.2), "clustering": (0.6, 0.04)},
-    "toyworld-flux": {"diffseg": (0.4, 0.2), "clustering": (0.54, 0.02)},
+    "toyworld-flux": {"diffseg": (0.4, 0.2), "goca": (0.2, 0.05), "target": (0.19, 0.04), "clustering": (0.56, 0.03)},
 }
 CASES = [(name, method) for name, floors in FLOORS.items() for method in floors]
 
@@ -132,15 +134,6 @@ def test_defaults_segment_far_above_random_weights(measured, method) -> None:
     floor, margin = FLOORS[name][method]
     assert getattr(good, method) >= floor, (name, good)
     assert getattr(good, method) - getattr(random, method) >= margin, (good, random)
-
-
-@pytest.mark.xfail(strict=True, reason="the bundled Flux toy barely reads its caption (its loss with another scene's "
-                   "caption is only 7-8% higher): its cross-attention does not localise shape words yet")
-@pytest.mark.parametrize(("measured", "method"), [("toyworld-flux", "goca"), ("toyworld-flux", "target")],
-                         indirect=["measured"])
-def test_flux_toy_cross_attention_methods_beat_random_weights(measured, method) -> None:
-    _, good, random = measured
-    assert getattr(good, method) - getattr(random, method) >= 0.1, (good, random)
 
 
 @pytest.mark.parametrize("measured", ["toyworld"], indirect=True)
