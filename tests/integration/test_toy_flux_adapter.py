@@ -51,9 +51,28 @@ def test_a_flux_toy_folder_loads_as_the_flux_family(adapter, folder) -> None:
 def test_t5_layout_tokens_and_pooled_projection(adapter) -> None:
     prompt = adapter.encode_prompt("a red circle")
     assert prompt.tokens[:4] == ("a", "red", "circle", "<eos>") and prompt.special[:4] == (False,) * 3 + (True,)
+    # the adapter conditions exactly as the model was trained (words-only: zero pooled projection)
+    ids = torch.tensor([prompt.token_ids])
+    states, pooled = adapter.model.condition(ids)
+    torch.testing.assert_close(prompt.embeddings, states)
+    torch.testing.assert_close(prompt.extra["pooled_projections"], pooled)
+    assert adapter.model.config.words_only and torch.count_nonzero(pooled) == 0
+    assert torch.count_nonzero(prompt.embeddings[0, prompt.length - 1]) == 0  # <eos> carries nothing
+
+
+def test_flux_conditioning_pools_the_mean_state(tmp_path) -> None:
+    """A model trained with Flux's conditioning (configs without the text flags) gets the mean state over the
+    caption's words and ``</s>`` as its pooled projection."""
+    from dataclasses import replace
+
+    config = default_toy_flux_config(image_size=16, width=32, heads=2, double_layers=1, single_layers=1,
+                                     text_width=16, world=WORLD)
+    config = replace(config, words_only=False, causal_text=False)
+    folder = save_toy_model(build_toy_flux_model(config, seed=0), tmp_path / "m", {"steps": 0}, dtype="float32")
+    prompt = load_model(str(folder)).encode_prompt("a red circle")
     states = prompt.embeddings[0]
-    n = prompt.length
-    torch.testing.assert_close(prompt.extra["pooled_projections"][0], states[:n].mean(0))
+    torch.testing.assert_close(prompt.extra["pooled_projections"][0], states[: prompt.length].mean(0))
+    assert torch.count_nonzero(states[prompt.length - 1]) > 0
 
 
 @pytest.mark.parametrize("mode", ["reuse", "beside"])

@@ -268,10 +268,17 @@ class ToyFluxModel:
         if self.config.words_only:
             words = ((ids != self.tokenizer.pad_id) & (ids != self.tokenizer.eos_id)).to(states.dtype)[..., None]
             states = states * words
-            return states, torch.zeros_like(states[:, 0])
+        return states, self.pool(ids, states)
+
+    def pool(self, ids: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """The pooled projection ``(B, C)`` of :meth:`condition`'s ``states`` for token ids ``ids``: zeros with
+        ``config.words_only``, else the mean state over the non-padding tokens."""
+        import torch
+
+        if self.config.words_only:
+            return torch.zeros_like(states[:, 0])
         keep = (ids != self.tokenizer.pad_id).to(states.dtype)[..., None]
-        pooled = (states * keep).sum(1) / keep.sum(1).clamp_min(1)
-        return states, pooled
+        return (states * keep).sum(1) / keep.sum(1).clamp_min(1)
 
     def encode_text(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         import torch
