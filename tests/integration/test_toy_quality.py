@@ -118,12 +118,12 @@ def test_hooked_output_equals_plain() -> None:
 
 
 # Measured on these 10 scenes (trained / random weights): UNet DiffSeg 0.563 / 0.204, GoCA 0.500 / 0.125, target
-# 0.473 / 0.184, clustering 0.673 / 0.593; Flux DiffSeg 0.433 / 0.151, GoCA 0.228 / 0.150, target 0.217 / 0.149,
+# 0.473 / 0.184, clustering 0.673 / 0.593; Flux DiffSeg 0.428 / 0.150, GoCA 0.228 / 0.147, target 0.304 / 0.177,
 # clustering 0.614 / 0.553. A Flux toy whose words do not follow the shapes (a bidirectional text encoder, as
 # first trained) gave GoCA 0.12 and the target method 0.11 on 200 test scenes: these floors fail it.
 FLOORS: dict[str, dict[str, tuple[float, float]]] = {  # method -> (floor, margin over random weights)
     "toyworld": {"diffseg": (0.48, 0.25), "goca": (0.42, 0.25), "target": (0.4, 0.2), "clustering": (0.6, 0.04)},
-    "toyworld-flux": {"diffseg": (0.4, 0.2), "goca": (0.2, 0.05), "target": (0.19, 0.04), "clustering": (0.56, 0.03)},
+    "toyworld-flux": {"diffseg": (0.4, 0.2), "goca": (0.2, 0.05), "target": (0.25, 0.08), "clustering": (0.56, 0.03)},
 }
 CASES = [(name, method) for name, floors in FLOORS.items() for method in floors]
 
