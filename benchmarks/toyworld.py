@@ -285,12 +285,13 @@ def goca_rows(ctx: Context, val: list[Scene], test: list[Scene], sizes: list[int
     val_stores: dict[tuple[Any, ...], list[Any]] = {}
     thresholds = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
     for name, kw in GOCA_ABLATIONS.items():
-        best: tuple[float, int, float, tuple[int, bool]] | None = None
+        best: tuple[float, int, float, dict[str, Any]] | None = None
         for size, (t, noise) in itertools.product(sizes, PASSES):
+            run = {"timestep": t, "add_noise": noise}
             key = (size, t, noise, *_capture_key(kw))
             try:
                 if key not in val_stores:
-                    val_stores[key] = capture(val, size, key[3:], {"timestep": t, "add_noise": noise})
+                    val_stores[key] = capture(val, size, _capture_key(kw), run)
             except Exception as exc:  # a variant this model cannot run (e.g. no manual layer choice for it)
                 chosen[name] = {"error": str(exc)}
                 break
@@ -300,13 +301,12 @@ def goca_rows(ctx: Context, val: list[Scene], test: list[Scene], sizes: list[int
                     s.add_labels(_goca_predict(ctx, sc, st, {**kw, "background_threshold": bg}), sc.semantic)
                 v = s.value("direct")
                 if best is None or v > best[0]:
-                    best = (v, size, bg, (t, noise))
+                    best = (v, size, bg, run)
         if best is None:
             continue
-        _, size, bg, (t, noise) = best
-        chosen[name] = {"size": size, "timestep": t, "add_noise": noise, "background_threshold": bg,
-                        "val_miou_direct": round(best[0], 4)}
-        test_stores = capture(test, size, _capture_key(kw), {"timestep": t, "add_noise": noise})
+        _, size, bg, run = best
+        chosen[name] = {"size": size, **run, "background_threshold": bg, "val_miou_direct": round(best[0], 4)}
+        test_stores = capture(test, size, _capture_key(kw), run)
         s = Scores("semantic", c)
         for sc, st in zip(test, test_stores, strict=True):
             s.add_labels(_goca_predict(ctx, sc, st, {**kw, "background_threshold": bg}), sc.semantic)
@@ -341,7 +341,7 @@ def target_rows(ctx: Context, val: list[Scene], test: list[Scene], sizes: list[i
              "cross-only": [("relative", 0.5)], "diffsegmenter": [("relative", 0.5)]}
     passes = [(0, False), *PASSES]
     for variant, taus in grids.items():
-        best: tuple[float, int, str, float, tuple[int, bool]] | None = None
+        best: tuple[float, int, str, float, dict[str, Any]] | None = None
         for size, (t, noise) in itertools.product(sizes, passes):
             run = {"timestep": t, "add_noise": noise}
             stores = {id(sc): run_pipeline(ctx, sc, "target", preset="paper", size=size, target=shapes_in(sc)[0],
@@ -356,13 +356,11 @@ def target_rows(ctx: Context, val: list[Scene], test: list[Scene], sizes: list[i
                                                 sc.semantic == ctx.world.classes.index(shape)))
                 v = s.value()
                 if best is None or v > best[0]:
-                    best = (v, size, mode, tau, (t, noise))
+                    best = (v, size, mode, tau, run)
         assert best is not None
-        _, size, mode, tau, (t, noise) = best
-        chosen[variant] = {"size": size, "timestep": t, "add_noise": noise, "tau_mode": mode, "tau": tau,
-                           "val_iou": round(best[0], 4)}
-        rows[f"{variant} (tuned)"] = _target_test(ctx, test_pairs, size, variant, tau, mode,
-                                                  {"timestep": t, "add_noise": noise})
+        _, size, mode, tau, run = best
+        chosen[variant] = {"size": size, **run, "tau_mode": mode, "tau": tau, "val_iou": round(best[0], 4)}
+        rows[f"{variant} (tuned)"] = _target_test(ctx, test_pairs, size, variant, tau, mode, run)
     return {"rows": rows, "chosen": chosen}
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -59,9 +61,7 @@ def test_flow_loss_matches_a_literal_computation_and_round_trips(tmp_path) -> No
     # Words-only conditioning (the default for new models): a zero pooled projection
     assert torch.count_nonzero(pooled) == 0
     # Flux's conditioning: the pooled projection is the mean over non-padding tokens.
-    from dataclasses import replace
-
-    flux_like = build_toy_flux_model(replace(_tiny(), words_only=False, causal_text=False), seed=0)
+    flux_like = _conditioning_model(words_only=False, causal_text=False)
     states, pooled = flux_like.condition(ids)
     n = flux_like.tokenizer("a red circle").length
     torch.testing.assert_close(pooled[0], states[0, :n].mean(0))
@@ -91,10 +91,7 @@ def test_training_resumes_to_identical_weights(tmp_path) -> None:
 
 
 def _conditioning_model(**flags):
-    config = _tiny()
-    from dataclasses import replace
-
-    return build_toy_flux_model(replace(config, **flags), seed=0)
+    return build_toy_flux_model(replace(_tiny(), **flags), seed=0)
 
 
 def test_causal_text_word_states_ignore_later_words() -> None:
